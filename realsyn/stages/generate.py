@@ -1,0 +1,129 @@
+"""Stages 8-9: image-semantic-augmented generation (cached), then the image-text similarity band."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from realsyn.stages.common import batched
+from realsyn.stages.dedup import IMAGE_DEDUP, kept_mask
+from realsyn.stages.embed import IMAGE_EMBEDDINGS
+from realsyn.stages.retrieve import RETRIEVALS
+from realsyn.stats import StepStats
+from realsyn.storage import Storage
+
+log = logging.getLogger("realsyn")
+
+SYNTHETIC_CAPTIONS = "synthetic_captions"
+FILTERED_PAIRS = "filtered_pairs"
+CACHE_DIR = "_cache/synthetic_captions"
+
+
+def _kept_image_embeddings(storage: Storage, shard: str) -> tuple[list[str], np.ndarray]:
+    mask = kept_mask(storage, IMAGE_DEDUP, shard)
+    reader = storage.reader(IMAGE_EMBEDDINGS, shard)
+    ids = reader.read_parquet("index.parquet", columns=["image_id"]).column("image_id").filter(pa.array(mask)).to_pylist()
+    return ids, np.asarray(reader.read_numpy("embeddings.npy"), dtype=np.float32)[mask]
+
+
+def _load_cache(storage: Storage, shard: str):
+    from realsyn.generation.cache import CaptionCache
+
+    rel = f"{CACHE_DIR}/{shard}.parquet"
+    return CaptionCache.from_table(pq.read_table(io.BytesIO(storage.read_file(rel))) if storage.exists(rel) else None)
+
+
+def _save_cache(storage: Storage, shard: str, cache) -> None:
+    buf = io.BytesIO()
+    pq.write_table(cache.to_table(), buf)
+    storage.write_file(f"{CACHE_DIR}/{shard}.parquet", buf.getvalue())
+
+
+def generate_captions(storage: Storage, shard: str, backend, *, instruction: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8, tagger=None, embedder=None) -> StepStats:
+    """One synthetic caption per image fused from its retrieved texts (and tags when a tagger is set).
+
+    Finished captions are cached by (image_id, prompt hash) under ``_cache/``, persisted after every
+    batch, so a rerun or a retry after a crash never regenerates them.
+    """
+    from realsyn.generation.cache import generate_with_cache
+    from realsyn.generation.prompts import DEFAULT_FUSION_INSTRUCTION, build_fusion_messages, prompt_sha
+
+    stats = StepStats(SYNTHETIC_CAPTIONS)
+    with stats.timed():
+        retrievals = storage.reader(RETRIEVALS, shard).read_parquet("retrievals.parquet")
+        image_ids = retrievals.column("image_id").to_pylist()
+        texts = retrievals.column("texts").to_pylist()
+        tags: list[list[str] | None] = [None] * len(image_ids)
+        if tagger is not None:
+            ids, emb = _kept_image_embeddings(storage, shard)
+            by_id = dict(zip(ids, range(len(ids))))
+            if embedder is not None:
+                tagger.fit(embedder.embed_texts)
+            got = tagger.tags(emb[[by_id[i] for i in image_ids]]) if image_ids else []
+            tags = list(got)
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        messages = [build_fusion_messages(t, None, g, instruction=instruction or DEFAULT_FUSION_INSTRUCTION) for t, g in zip(texts, tags)]
+        shas = [prompt_sha(m, backend.model_id, params) for m in messages]
+        cache = _load_cache(storage, shard)
+        captions: list[str] = []
+        for chunk in batched(list(zip(image_ids, messages)), max(1, batch_size) * 4):
+            got, n_cached, n_generated = generate_with_cache(list(chunk), backend, cache, backend.model_id, params, batch_size)
+            captions.extend(got)
+            stats.add("cached", n_cached)
+            stats.add("generated", n_generated)
+            if n_generated:
+                _save_cache(storage, shard, cache)
+        status = ["ok" if c.strip() else "empty" for c in captions]
+        stats.drop_reasons([None if s == "ok" else "empty_caption" for s in status])
+        table = pa.table(
+            {
+                "image_id": pa.array(image_ids, pa.string()),
+                "synthetic_caption": pa.array(captions, pa.string()),
+                "prompt_sha": pa.array(shas, pa.string()),
+                "backend": pa.array([type(backend).__name__] * len(image_ids), pa.string()),
+                "model": pa.array([backend.model_id] * len(image_ids), pa.string()),
+                "status": pa.array(status, pa.string()),
+                "tags": pa.array(tags, pa.list_(pa.string())),
+            }
+        )
+        stats.add("rows_out", table.num_rows)
+        with storage.writer(SYNTHETIC_CAPTIONS, shard) as w:
+            w.write_parquet("captions.parquet", table)
+    return stats
+
+
+def filter_pairs(storage: Storage, shard: str, embedder, *, low: float | None = None, high: float | None = None) -> StepStats:
+    """Cosine between each image and its synthetic caption; drop pairs outside the band."""
+    from realsyn.similarity import band_reasons, default_band, pair_cosine
+
+    stats = StepStats(FILTERED_PAIRS)
+    with stats.timed():
+        captions = storage.reader(SYNTHETIC_CAPTIONS, shard).read_parquet("captions.parquet", columns=["image_id", "synthetic_caption", "status"])
+        ids, emb = _kept_image_embeddings(storage, shard)
+        by_id = dict(zip(ids, range(len(ids))))
+        cap_ids = captions.column("image_id").to_pylist()
+        img = emb[[by_id[i] for i in cap_ids]] if cap_ids else np.zeros((0, emb.shape[1]), np.float32)
+        txt = embedder.embed_texts(captions.column("synthetic_caption").to_pylist()) if cap_ids else np.zeros_like(img)
+        sim = pair_cosine(img, txt) if cap_ids else np.zeros(0, np.float32)
+        if low is None or high is None:
+            band = default_band(embedder.model_id, embedder.random_weights)
+            if band is None:
+                log.warning("filtered_pairs: no calibrated similarity band for %s; set low/high in config. Passing every pair.", embedder.model_id)
+                band = (-1.0, 1.0)
+            low = band[0] if low is None else low
+            high = band[1] if high is None else high
+        reasons = band_reasons(sim, low, high)
+        reasons = [("empty_caption" if s != "ok" else r) for s, r in zip(captions.column("status").to_pylist(), reasons)]
+        keep = np.array([r is None for r in reasons], dtype=bool)
+        stats.add("rows_in", len(cap_ids))
+        stats.add("rows_out", int(keep.sum()))
+        stats.drop_reasons(reasons)
+        table = pa.table({"image_id": pa.array(cap_ids, pa.string()), "similarity": pa.array(sim, pa.float32()), "kept": pa.array(keep), "reason": pa.array(reasons, pa.string())})
+        with storage.writer(FILTERED_PAIRS, shard) as w:
+            w.write_parquet("pairs.parquet", table)
+            w.write_json("band.json", {"low": low, "high": high, "model_id": embedder.model_id})
+    return stats
