@@ -35,7 +35,11 @@ class MissingOutputError(FileNotFoundError):
 def s3_storage_options() -> dict[str, Any]:
     """s3fs options from the standard AWS variables; AWS_ENDPOINT_URL selects MinIO/moto."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    # other pods write the same prefixes: never trust a cached listing
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
 
 
 def filesystem_for(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
