@@ -1,0 +1,173 @@
+"""Input shards: discovery, partition keys, streaming OBELICS documents, malformed rows counted."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from realsyn.documents import Document, NoShardsError, iter_documents, list_input_shards, shard_key
+from realsyn.stats import StepStats
+from tests.s3_server import moto_s3
+
+
+def _touch(path, data: bytes = b"") -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def test_list_input_shards_finds_supported_files_recursively_sorted(tmp_path):
+    for rel in ["b.parquet", "a.jsonl", "sub/deep/c.jsonl.gz", "notes.txt", "x.json", "_SUCCESS", "_tmp/y.parquet", ".cache/z.jsonl", "sub/_part.parquet"]:
+        _touch(os.path.join(tmp_path, rel))
+    assert list_input_shards(str(tmp_path)) == [
+        os.path.join(tmp_path, "a.jsonl"),
+        os.path.join(tmp_path, "b.parquet"),
+        os.path.join(tmp_path, "sub/deep/c.jsonl.gz"),
+    ]
+
+
+def test_list_input_shards_single_file_and_errors(tmp_path):
+    shard = _touch(os.path.join(tmp_path, "only.parquet"))
+    assert list_input_shards(shard) == [shard]
+    assert list_input_shards(f"file://{shard}") == [shard]
+    with pytest.raises(NoShardsError, match="not a"):
+        list_input_shards(_touch(os.path.join(tmp_path, "readme.txt")))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(NoShardsError, match="no \\*.parquet"):
+        list_input_shards(str(tmp_path / "empty"))
+    with pytest.raises(NoShardsError, match="does not exist"):
+        list_input_shards(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    "shard, root, key",
+    [
+        ("/data/in/part-00000.parquet", "/data/in", "part-00000"),
+        ("/data/in/sub/part-1.jsonl", "/data/in", "sub__part-1"),
+        ("/data/in/sub/part-1.jsonl", "/data/in/", "sub__part-1"),
+        ("/data/in/a/b/c.jsonl.gz", "/data/in", "a__b__c"),
+        ("/data/in/v1.2_x.parquet", "/data/in", "v1.2_x"),
+        ("/data/in/only.parquet", "/data/in/only.parquet", "only"),
+        ("s3://bucket/prefix/sub/part-7.parquet", "s3://bucket/prefix", "sub__part-7"),
+    ],
+)
+def test_shard_key_relative_path_without_suffix(shard, root, key):
+    assert shard_key(shard, root) == key
+
+
+def test_shard_key_unsafe_characters_are_replaced_and_hashed_to_stay_unique():
+    a = shard_key("/in/my file.parquet", "/in")
+    b = shard_key("/in/my_file.parquet", "/in")
+    c = shard_key("/in/my+file.parquet", "/in")
+    assert b == "my_file"
+    assert re.fullmatch(r"my_file-[0-9a-f]{8}", a) and re.fullmatch(r"my_file-[0-9a-f]{8}", c)
+    assert len({a, b, c}) == 3
+    assert a == shard_key("/in/my file.parquet", "/in")  # stable
+    long = shard_key("/in/" + "x" * 300 + ".jsonl", "/in")
+    assert len(long) == 120 and re.fullmatch(r"[A-Za-z0-9_.-]+", long)
+    with pytest.raises(ValueError, match="not under"):
+        shard_key("/other/part.parquet", "/in")
+
+
+def _write_parquet(path, rows, schema):
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def test_iter_documents_parquet_skips_and_counts_malformed_rows(tmp_path):
+    schema = pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())), ("texts", pa.list_(pa.string())), ("general_metadata", pa.string())])
+    rows = [
+        {"id": "d0", "images": [None, "http://127.0.0.1:1/a.jpg"], "texts": ["Hello there.", None], "general_metadata": '{"lang": "en"}'},
+        {"id": "d1", "images": [None, None], "texts": ["Only text."], "general_metadata": None},  # unequal lengths
+        {"id": "d2", "images": None, "texts": ["No image list."], "general_metadata": None},  # missing list
+        {"id": None, "images": ["pics/b.png"], "texts": [None], "general_metadata": "not json"},  # fallback id
+        {"id": "d4", "images": ["", "/abs/c.jpg"], "texts": [None, None], "general_metadata": None},
+    ]
+    shard = _write_parquet(tmp_path / "part-3.parquet", rows, schema)
+    stats = StepStats("documents")
+    docs = list(iter_documents(shard, stats, batch_size=2))  # several batches
+    assert [d.doc_id for d in docs] == ["d0", "part-3-3", "d4"]
+    assert docs[0] == Document("d0", [None, "http://127.0.0.1:1/a.jpg"], ["Hello there.", None], {"id": "d0", "general_metadata": {"lang": "en"}})
+    assert docs[1].images == [os.path.join(tmp_path, "pics/b.png")]  # relative path: beside the shard
+    assert docs[1].metadata["general_metadata"] == "not json"
+    assert docs[2].images == [None, "/abs/c.jpg"]  # empty reference is no image
+    assert stats.counts["documents_in"] == 5
+    assert stats.dropped == {"malformed_document": 2}
+
+
+def test_iter_documents_parquet_inline_bytes_and_id_from_url(tmp_path):
+    schema = pa.schema([("url", pa.string()), ("images", pa.list_(pa.binary())), ("texts", pa.list_(pa.string()))])
+    rows = [
+        {"url": "https://example.org/p/1", "images": [b"\x89PNG-ish", None], "texts": [None, "Caption."]},
+        {"url": "https://example.org/p/1", "images": [None], "texts": ["Same url again."]},
+    ]
+    stats = StepStats("documents")
+    docs = list(iter_documents(_write_parquet(tmp_path / "s.parquet", rows, schema), stats))
+    assert [d.doc_id for d in docs] == ["https://example.org/p/1", "https://example.org/p/1~1"]
+    assert docs[0].images == [b"\x89PNG-ish", None]
+    assert stats.counts["renamed_duplicate_doc_id"] == 1
+    assert stats.dropped == {}
+
+
+JSONL_LINES = [
+    json.dumps({"doc_id": "a", "images": [None, "data:image/png;base64,AAAA"], "texts": ["First.", None], "source": "x"}).encode(),
+    b"",  # blank lines are not rows
+    b'{"doc_id": "broken", "images": [',  # bad JSON
+    b"[1, 2, 3]",  # not an object
+    json.dumps({"document_id": "c", "images": [None], "texts": [42]}).encode(),  # text is not a string
+    b'{"id": "\xff\xfe", "images": [], "texts": []}',  # not UTF-8
+    json.dumps({"images": ["s3://bucket/k.jpg", None], "texts": [None, "Last one."]}).encode(),
+]
+
+
+def _check_jsonl_docs(docs, stats, stem):
+    assert [d.doc_id for d in docs] == ["a", f"{stem}-5"]  # row index among non-blank lines
+    assert docs[0].images == [None, "data:image/png;base64,AAAA"] and docs[0].metadata == {"doc_id": "a", "source": "x"}
+    assert docs[1].images == ["s3://bucket/k.jpg", None] and docs[1].texts == [None, "Last one."]
+    assert stats.counts["documents_in"] == 6
+    assert stats.dropped == {"malformed_document": 4}
+
+
+def test_iter_documents_jsonl_and_gz(tmp_path):
+    body = b"\n".join(JSONL_LINES) + b"\n"
+    stats = StepStats("documents")
+    _check_jsonl_docs(list(iter_documents(_touch(tmp_path / "s.jsonl", body), stats)), stats, "s")
+    stats = StepStats("documents")
+    _check_jsonl_docs(list(iter_documents(_touch(tmp_path / "t.jsonl.gz", gzip.compress(body)), stats)), stats, "t")
+
+
+def test_iter_documents_is_lazy_and_rejects_unknown_format(tmp_path):
+    lines = [json.dumps({"id": str(i), "images": [None], "texts": [f"Text {i}."]}) for i in range(3)]
+    stats = StepStats("documents")
+    it = iter_documents(_touch(tmp_path / "lazy.jsonl", "\n".join(lines).encode()), stats)
+    assert next(it).doc_id == "0"
+    assert stats.counts["documents_in"] == 1  # nothing read ahead beyond what was asked
+    with pytest.raises(ValueError, match="unsupported shard format"):
+        list(iter_documents(_touch(tmp_path / "x.csv", b"a,b"), StepStats("documents")))
+
+
+def test_shards_on_s3_are_listed_and_read():
+    with moto_s3(("corpus",)):
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        table = pa.Table.from_pylist([{"id": "s3doc", "images": ["img/one.jpg"], "texts": [None]}])
+        with fs.open("corpus/in/sub/part-0.parquet", "wb") as f:
+            pq.write_table(table, f)
+        fs.pipe_file("corpus/in/part-1.jsonl", b'{"id": "j", "images": [null], "texts": ["Hi there."]}\n')
+        fs.pipe_file("corpus/in/_SUCCESS", b"")
+        shards = list_input_shards("s3://corpus/in")
+        assert shards == ["s3://corpus/in/part-1.jsonl", "s3://corpus/in/sub/part-0.parquet"]
+        assert [shard_key(s, "s3://corpus/in") for s in shards] == ["part-1", "sub__part-0"]
+        stats = StepStats("documents")
+        docs = list(iter_documents(shards[1], stats))
+        assert docs[0].doc_id == "s3doc" and docs[0].images == ["s3://corpus/in/sub/img/one.jpg"]
+        assert list(iter_documents(shards[0], stats))[0].texts == ["Hi there."]
+        assert stats.counts["documents_in"] == 2
