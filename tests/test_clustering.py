@@ -1,0 +1,159 @@
+import logging
+
+import numpy as np
+import pytest
+
+from realsyn import clustering
+from realsyn.clustering import ReservoirSample, assign, cluster_order, train_kmeans
+
+
+def _stream(n: int, dim: int = 2) -> np.ndarray:
+    """Row i is (i, i, ...), so a sampled row tells which stream position it came from."""
+    return np.repeat(np.arange(n, dtype=np.float32)[:, None], dim, axis=1)
+
+
+def _blobs(n_blobs: int, per_blob: int, dim: int, seed: int, noise: float = 0.02):
+    rng = np.random.default_rng(seed)
+    centers = np.eye(dim, dtype=np.float32)[:n_blobs]
+    points = np.repeat(centers, per_blob, axis=0) + noise * rng.standard_normal((n_blobs * per_blob, dim)).astype(np.float32)
+    return centers, points.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- ReservoirSample
+def test_reservoir_keeps_every_row_until_full():
+    res = ReservoirSample(capacity=10, dim=2, seed=0)
+    res.add(_stream(4))
+    res.add(_stream(7)[4:])
+    assert len(res) == 7 and res.seen == 7
+    np.testing.assert_array_equal(res.array(), _stream(7))
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 50, 500])
+def test_reservoir_sample_is_a_subset_of_distinct_stream_rows(batch_size):
+    data = _stream(500)
+    res = ReservoirSample(capacity=40, dim=2, seed=3)
+    for start in range(0, 500, batch_size):
+        res.add(data[start : start + batch_size])
+    rows = res.array()[:, 0].astype(int)
+    assert res.seen == 500 and rows.shape == (40,)
+    assert len(set(rows)) == 40 and rows.min() >= 0 and rows.max() < 500
+
+
+def test_reservoir_inclusion_is_uniform_over_the_stream():
+    # Capacity 10 of 50 rows: every row is sampled with probability 0.2, early or late alike.
+    n_runs, hits = 400, np.zeros(50)
+    for seed in range(n_runs):
+        res = ReservoirSample(capacity=10, dim=2, seed=seed)
+        for start in range(0, 50, 8):  # batches that straddle the fill boundary
+            res.add(_stream(50)[start : start + 8])
+        hits[res.array()[:, 0].astype(int)] += 1
+    freq = hits / n_runs
+    assert np.abs(freq - 0.2).max() < 0.09
+    assert abs(freq[:25].mean() - freq[25:].mean()) < 0.03
+
+
+def test_reservoir_is_deterministic_for_a_seed():
+    def run(seed):
+        res = ReservoirSample(capacity=5, dim=2, seed=seed)
+        res.add(_stream(100))
+        return res.array()
+
+    np.testing.assert_array_equal(run(1), run(1))
+    assert not np.array_equal(run(1), run(2))
+
+
+def test_reservoir_skips_and_counts_non_finite_rows():
+    res = ReservoirSample(capacity=10, dim=2, seed=0)
+    batch = _stream(5)
+    batch[1, 0] = np.nan
+    batch[3, 1] = np.inf
+    res.add(batch)
+    assert res.skipped_nonfinite == 2 and res.seen == 3
+    np.testing.assert_array_equal(res.array()[:, 0], [0, 2, 4])
+    with pytest.raises(ValueError):
+        res.add(np.zeros((3, 5), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- train_kmeans
+def test_train_kmeans_finds_separated_blobs_with_unit_centroids():
+    centers, points = _blobs(4, 40, dim=8, seed=0)
+    cents = train_kmeans(points, k=4, niter=20, seed=0, use_gpu="never")
+    assert cents.shape == (4, 8) and cents.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-5)
+    sim = cents @ centers.T
+    # One-to-one match: each centroid is near exactly one blob centre.
+    assert sorted(sim.argmax(axis=1).tolist()) == [0, 1, 2, 3]
+    assert sim.max(axis=1).min() > 0.99
+
+
+def test_train_kmeans_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((300, 16)).astype(np.float32)
+    a = train_kmeans(data, k=8, niter=10, seed=7, use_gpu="never")
+    b = train_kmeans(data, k=8, niter=10, seed=7, use_gpu="never")
+    c = train_kmeans(data, k=8, niter=10, seed=8, use_gpu="never")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_train_kmeans_clips_k_to_the_sample_size_with_a_warning(caplog):
+    _, points = _blobs(5, 1, dim=8, seed=1)
+    with caplog.at_level(logging.WARNING, logger="realsyn.clustering"):
+        cents = train_kmeans(points, k=10, seed=0, use_gpu="never")
+    assert cents.shape == (5, 8)
+    assert "training 5 centroids" in caplog.text
+
+
+def test_train_kmeans_euclidean_keeps_centroid_scale():
+    _, points = _blobs(2, 30, dim=4, seed=2)
+    cents = train_kmeans(3.0 * points, k=2, seed=0, spherical=False, use_gpu="never")
+    np.testing.assert_allclose(np.sort(np.linalg.norm(cents, axis=1)), [3.0, 3.0], atol=0.05)
+
+
+def test_train_kmeans_gpu_choice(monkeypatch):
+    _, points = _blobs(2, 10, dim=4, seed=0)
+    with pytest.raises(ValueError):
+        train_kmeans(points, k=2, use_gpu="sometimes")
+    monkeypatch.setattr(clustering, "faiss_gpu_count", lambda: 0)
+    with pytest.raises(RuntimeError):
+        train_kmeans(points, k=2, use_gpu="always")
+    assert train_kmeans(points, k=2, use_gpu="auto").shape == (2, 4)  # falls back to the CPU
+    with pytest.raises(ValueError):
+        train_kmeans(np.zeros((0, 4), np.float32), k=2)
+
+
+@pytest.mark.gpu
+def test_train_kmeans_on_gpu_finds_blobs():
+    centers, points = _blobs(4, 40, dim=8, seed=0)
+    cents = train_kmeans(points, k=4, seed=0, use_gpu="always")
+    assert sorted((cents @ centers.T).argmax(axis=1).tolist()) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- assign
+def test_assign_returns_nearest_centroids_best_first():
+    centroids = np.eye(3, dtype=np.float32)
+    emb = np.array([[0.1, 0.9, 0.3], [0.8, 0.0, 0.6], [0.0, 0.2, 1.0]], dtype=np.float32)
+    ids, scores = assign(emb, centroids, n_probe=2)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, [[1, 2], [0, 2], [2, 1]])
+    np.testing.assert_allclose(scores, [[0.9, 0.3], [0.8, 0.6], [1.0, 0.2]], rtol=1e-6)
+    ids, _ = assign(emb, centroids, n_probe=10)  # clipped to the number of centroids
+    assert ids.shape == (3, 3)
+    ids, scores = assign(np.zeros((0, 3), np.float32), centroids)
+    assert ids.shape == (0, 1) and scores.shape == (0, 1)
+    with pytest.raises(ValueError):
+        assign(emb, np.eye(4, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- cluster_order
+def test_cluster_order_is_a_stable_csr_layout():
+    order, offsets = cluster_order(np.array([2, 0, 2, 1, 0]), k=4)
+    np.testing.assert_array_equal(order, [1, 4, 3, 0, 2])
+    np.testing.assert_array_equal(offsets, [0, 2, 3, 5, 5])
+    assert order.dtype == np.int64 and offsets.dtype == np.int64
+    order, offsets = cluster_order(np.array([], dtype=np.int64), k=2)
+    assert len(order) == 0 and offsets.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError):
+        cluster_order(np.array([0, 3]), k=3)
+    with pytest.raises(ValueError):
+        cluster_order(np.array([-1, 0]), k=3)
