@@ -1,0 +1,311 @@
+"""``realsyn metaclip match|balance``: MetaCLIP substring matching and balancing from the command line.
+
+Inputs and outputs are local paths or URLs (s3://...); outputs are written whole or not at all
+(a temporary file renamed, or uploaded in one piece). Run as ``python -m realsyn.curation.metaclip_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from realsyn.curation.metaclip import (
+    MetaClipMatcher,
+    StreamingBalancer,
+    distribution_table,
+    head_tail_summary,
+    lists_to_csr,
+    load_metadata,
+    plot_cumulative,
+)
+from realsyn.stats import StepStats
+from realsyn.storage import filesystem_for
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
+
+
+def _is_local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _is_parquet(uri: str) -> bool:
+    return uri.lower().endswith(".parquet")
+
+
+def _check_format(uri: str) -> None:
+    if not (_is_parquet(uri) or uri.lower().endswith(JSONL_SUFFIXES)):
+        raise ValueError(f"{uri}: expected a .parquet or .jsonl file")
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def iter_text_batches(uri: str, text_column: str, batch_size: int, stats: StepStats) -> Iterator[list[Any]]:
+    """Texts of one column in row order, in batches. Parquet via iter_batches; JSONL line by line
+    (blank lines are not rows; a bad line or a missing field is a row with no text, counted)."""
+    _check_format(uri)
+    fs, path = filesystem_for(uri)
+    if _is_parquet(uri):
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if text_column not in pf.schema_arrow.names:
+                raise ValueError(f"{uri}: no column {text_column!r}; columns: {pf.schema_arrow.names}")
+            for batch in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
+                yield batch.column(0).to_pylist()
+        return
+    batch: list[Any] = []
+    with fs.open(path, "rb", compression="infer") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                stats.drop("bad_json")
+                record = None
+            if isinstance(record, dict):
+                if text_column not in record:
+                    stats.drop("missing_text_field")
+                batch.append(record.get(text_column))
+            else:
+                if record is not None:
+                    stats.drop("not_an_object")
+                batch.append(None)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def iter_match_batches(uri: str, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
+    """(row ids, entry id lists) from a matches file: ours (row, entry_ids) or MetaCLIP-style JSONL
+    (idx, matched_entry_ids); a row without an index gets its line number."""
+    _check_format(uri)
+    fs, path = filesystem_for(uri)
+    if _is_parquet(uri):
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["row", "entry_ids"]):
+                rows = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
+                yield rows, [ids or [] for ids in batch.column(1).to_pylist()]
+        return
+    rows: list[int] = []
+    ids: list[list[int]] = []
+    line_no = 0
+    with fs.open(path, "rb", compression="infer") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            entry_ids = record.get("entry_ids", record.get("matched_entry_ids"))
+            if entry_ids is None:
+                raise ValueError(f"{uri}: line {line_no + 1} has neither 'entry_ids' nor 'matched_entry_ids'")
+            rows.append(int(record.get("row", record.get("idx", line_no))))
+            ids.append(sorted(set(int(i) for i in entry_ids)))
+            line_no += 1
+            if len(rows) >= batch_size:
+                yield np.asarray(rows, dtype=np.int64), ids
+                rows, ids = [], []
+    if rows:
+        yield np.asarray(rows, dtype=np.int64), ids
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def atomic_local_file(uri: str) -> Iterator[str]:
+    """A local temporary path that becomes ``uri`` only if the block succeeds (rename, or one upload)."""
+    fs, path = filesystem_for(uri)
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    else:
+        fd, tmp = tempfile.mkstemp(suffix=posixpath.basename(path))
+        os.close(fd)
+    try:
+        yield tmp
+        if _is_local(fs):
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class MatchesWriter:
+    """Rows of (row, entry_ids) as JSONL lines or a Parquet file (row int64, entry_ids list<int32>)."""
+
+    SCHEMA = pa.schema([("row", pa.int64()), ("entry_ids", pa.list_(pa.int32()))])
+
+    def __init__(self, local_path: str, parquet: bool):
+        self.parquet = parquet
+        self._file = None if parquet else open(local_path, "w", encoding="utf-8")
+        self._writer = pq.ParquetWriter(local_path, self.SCHEMA) if parquet else None
+
+    def write(self, rows: np.ndarray, offsets: np.ndarray, entry_ids: np.ndarray) -> None:
+        if self._writer is not None:
+            ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(entry_ids.astype(np.int32)))
+            self._writer.write_table(pa.Table.from_arrays([pa.array(rows.astype(np.int64)), ids], schema=self.SCHEMA))
+            return
+        flat = [str(i) for i in entry_ids.tolist()]
+        offs = offsets.tolist()
+        lines = [f'{{"row": {r}, "entry_ids": [{", ".join(flat[a:b])}]}}\n' for r, a, b in zip(rows.tolist(), offs, offs[1:])]
+        self._file.writelines(lines)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._file.close()
+
+
+def _sibling(uri: str, suffix: str) -> str:
+    """``out.jsonl`` -> ``out.<suffix>`` beside it."""
+    base = uri
+    for ext in (".parquet", *JSONL_SUFFIXES):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return f"{base}.{suffix}"
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    stats = StepStats("metaclip_match")
+    _check_format(args.input)
+    _check_format(args.output)
+    with stats.timed():
+        start = time.perf_counter()
+        metadata = load_metadata(args.metadata)
+        matcher = MetaClipMatcher(metadata)
+        built = time.perf_counter() - start
+        row = 0
+        with atomic_local_file(args.output) as tmp:
+            writer = MatchesWriter(tmp, _is_parquet(args.output))
+            try:
+                for texts in iter_text_batches(args.input, args.text_column, args.batch_size, stats):
+                    offsets, ids = matcher.match_batch_csr(texts)
+                    rows = np.arange(row, row + len(texts), dtype=np.int64)
+                    writer.write(rows, offsets, ids)
+                    row += len(texts)
+                    stats.add("rows", len(texts))
+                    stats.add("rows_without_text", sum(1 for t in texts if not isinstance(t, str)))
+                    stats.add("rows_matched", int((np.diff(offsets) > 0).sum()))
+                    stats.add("matches", len(ids))
+            finally:
+                writer.close()
+    summary = {"metadata_entries": len(metadata), "automaton_build_seconds": round(built, 3), **stats.as_dict()}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    stats = StepStats("metaclip_balance")
+    _check_format(args.output)
+    with stats.timed():
+        metadata = load_metadata(args.metadata) if args.metadata else None
+        counts = np.zeros(len(metadata) if metadata is not None else 0, dtype=np.int64)
+        for _, lists in iter_match_batches(args.matches):  # pass 1: per-entry counts over the whole pool
+            _, flat = lists_to_csr(lists)
+            if len(flat) and flat.min() < 0:
+                raise ValueError(f"{args.matches}: negative entry id")
+            if len(flat) and flat.max() >= len(counts):
+                if metadata is not None:
+                    raise ValueError(f"{args.matches}: entry id {int(flat.max())} is outside the {len(metadata)}-entry metadata")
+                counts = np.concatenate([counts, np.zeros(int(flat.max()) + 1 - len(counts), np.int64)])
+            counts += np.bincount(flat, minlength=len(counts))
+        balancer = StreamingBalancer(counts, args.t, args.seed, args.epoch)
+        counts_after = np.zeros_like(counts)
+        with atomic_local_file(args.output) as tmp:
+            writer = MatchesWriter(tmp, _is_parquet(args.output))
+            try:
+                for rows, lists in iter_match_batches(args.matches):  # pass 2: draws in row order
+                    offsets, flat = lists_to_csr(lists)
+                    keep = balancer.keep_csr(offsets, flat)
+                    lengths = np.diff(offsets)
+                    kept_flat = flat[np.repeat(keep, lengths)]
+                    kept_offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+                    np.cumsum(lengths[keep], out=kept_offsets[1:])
+                    writer.write(rows[keep], kept_offsets, kept_flat)
+                    counts_after += np.bincount(kept_flat, minlength=len(counts))
+                    stats.add("texts", len(rows))
+                    stats.add("texts_matched", int((lengths > 0).sum()))
+                    stats.add("texts_kept", int(keep.sum()))
+            finally:
+                writer.close()
+        if metadata is not None:
+            table = distribution_table(counts, counts_after, metadata, args.t)
+            with atomic_local_file(_sibling(args.output, "distribution.parquet")) as tmp:
+                pq.write_table(table, tmp)
+        if args.plot:
+            plot_cumulative(counts, counts_after, args.t, args.plot)
+    summary = {"t": args.t, "seed": args.seed, "epoch": args.epoch, **head_tail_summary(counts, counts_after, args.t), **stats.as_dict()}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return n
+
+
+def _add_subcommands(sub: Any) -> None:
+    match = sub.add_parser("match", help="per input row, the sorted ids of the metadata entries its text matches")
+    match.add_argument("--metadata", required=True, help="JSON list of entries (entry id = position)")
+    match.add_argument("--input", required=True, help="Parquet or JSONL file (local or s3://)")
+    match.add_argument("--text-column", required=True, help="column / field holding the text")
+    match.add_argument("--output", required=True, help="JSONL ({row, entry_ids} per line) or .parquet")
+    match.add_argument("--batch-size", type=_positive_int, default=8192)
+    match.set_defaults(func=cmd_match)
+
+    bal = sub.add_parser("balance", help="MetaCLIP balancing of a matches file: keep rows, print head/tail counts")
+    bal.add_argument("--matches", required=True, help="output of `metaclip match` (JSONL or Parquet)")
+    bal.add_argument("--t", type=_positive_int, required=True, help="head/tail threshold (paper: 20000 for 400M pairs)")
+    bal.add_argument("--seed", type=int, required=True)
+    bal.add_argument("--epoch", type=int, default=None, help="fresh draw per epoch (online curation)")
+    bal.add_argument("--output", required=True, help="kept rows: JSONL or .parquet")
+    bal.add_argument("--metadata", help="also write <output>.distribution.parquet (per-entry counts before/after)")
+    bal.add_argument("--plot", help="also write the cumulative-count plot (PNG) here")
+    bal.set_defaults(func=cmd_balance)
+
+
+def add_metaclip_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``metaclip match`` and ``metaclip balance`` to a CLI's subparsers."""
+    parser = subparsers.add_parser("metaclip", help="MetaCLIP substring matching and balancing")
+    _add_subcommands(parser.add_subparsers(dest="metaclip_command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m realsyn.curation.metaclip_cli", description=__doc__)
+    _add_subcommands(parser.add_subparsers(dest="metaclip_command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
