@@ -67,10 +67,10 @@ def sentence_perplexity(context: dg.AssetExecutionContext, storage: StorageResou
 
 @dg.asset(deps=["sentence_perplexity"], partitions_def=shard_partitions, group_name="filter", op_tags=CPU_STEP_TAGS, description="Sentences whose perplexity lies in the band (paper: [30, 200] for its model; per scorer), plus excluded.parquet.")
 def filtered_sentences(context: dg.AssetExecutionContext, config: PerplexityBandConfig, storage: StorageResource, perplexity: PerplexityScorerResource) -> dg.MaterializeResult:
-    from realsyn.filters.perplexity_band import PerplexityBandFilter, default_band
-
     band = None
     if perplexity.enabled:
+        from realsyn.filters.perplexity_band import PerplexityBandFilter, default_band
+
         low, high = default_band(perplexity.model)
         band = PerplexityBandFilter(low=config.low if config.low is not None else low, high=config.high if config.high is not None else high)
     else:

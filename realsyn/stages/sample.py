@@ -221,10 +221,10 @@ def export_splits(storage: Storage, shards: Sequence[str], *, samples_per_shard:
                             shard_samples.append(sample)
                             yield sample
                         w.write_parquet(f"{split}/parquet/{s}.parquet", samples_to_parquet_table(shard_samples))
-                        stats.add("rows_out", len(shard_samples))
 
-                sizes = write_webdataset(samples(), lambda name, split=split: w.open(f"{split}/{name}", "wb"), samples_per_shard=samples_per_shard, split=split)
-                w.write_json(f"{split}/sizes.json", sizes)
+                sizes = write_webdataset(samples(), lambda name, split=split: w.open(f"{split}/{name}", "wb"), samples_per_shard=samples_per_shard, split=split, stats=stats)
+                w.write_json(f"{split}/sizes.json", sizes)  # open_clip reads the sample counts from here
+                stats.add("rows_out", sum(sizes.values()))
                 stats.add("tar_shards", len(sizes))
             out[split] = stats
         w.write_json("summary.json", {k: v.as_dict() for k, v in out.items()})
