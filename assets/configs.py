@@ -29,7 +29,7 @@ class ImageDedupConfig(dg.Config):
     perceptual_max_distance: Optional[int] = Field(default=6, description="pHash Hamming distance for perceptual duplicates; null disables.")
     semantic_threshold: Optional[float] = Field(default=0.95, description="CLIP cosine for semantic duplicates; null disables.")
     semantic_on_random_weights: bool = Field(default=False, description="Apply the semantic threshold even to random-weight embeddings (not semantic: off by default).")
-    index_factory: str = Field(default="Flat", description="faiss index for the global near-neighbour search (Flat; IVF-PQ such as 'IVF4096,PQ32' at scale).")
+    index_factory: str = Field(default="Flat", description="faiss index for the global near-neighbour search (Flat; IVF-SQ8 such as 'IVF65536,SQ8' at scale: PQ similarities are too coarse for a tight threshold).")
 
 class SentenceDedupConfig(dg.Config):
     exact: bool = Field(default=True, description="Collapse identical sentences.")

@@ -1,0 +1,241 @@
+"""Dedup: Union-Find, representatives, exact/text keys, pHash, Hamming and semantic edges."""
+
+import io
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realsyn.dedup import (
+    BinaryHashIndex,
+    SemanticIndex,
+    UnionFind,
+    exact_duplicate_edges,
+    hamming_edges,
+    normalize_text,
+    perceptual_hash,
+    perceptual_hashes,
+    representatives,
+)
+from realsyn.stats import StepStats
+
+# chain 3-2-1-0, cycle 5-6-7, pair 4-9, singleton 8
+GRAPH = np.array([[3, 2], [2, 1], [1, 0], [7, 5], [5, 6], [6, 7], [9, 4]])
+GRAPH_LABELS = [0, 0, 0, 0, 4, 5, 5, 5, 8, 4]
+
+
+def test_union_find_scalar_unions():
+    uf = UnionFind(10)
+    for a, b in GRAPH:
+        uf.union(int(a), int(b))
+    assert uf.labels().tolist() == GRAPH_LABELS
+    assert uf.find(3) == uf.find(0) and uf.find(8) == 8 and uf.find(4) != uf.find(5)
+    assert uf.size[uf.find(6)] == 3 and uf.size[uf.find(2)] == 4
+
+
+def test_union_find_edges_and_mixed():
+    uf = UnionFind(10)
+    uf.union_edges(GRAPH)
+    assert uf.labels().tolist() == GRAPH_LABELS
+    assert uf.labels().dtype == np.int64
+    assert sorted(int(uf.size[r]) for r in set(uf.parent.tolist())) == [1, 2, 3, 4]
+    mixed = UnionFind(10)
+    mixed.union(9, 4)
+    mixed.union(6, 7)
+    mixed.union_edges(GRAPH[:5])
+    assert mixed.labels().tolist() == GRAPH_LABELS
+    mixed.union(8, 0)
+    mixed.union_edges(np.array([[4, 5]]))
+    assert mixed.labels().tolist() == [0, 0, 0, 0, 4, 4, 4, 4, 0, 4]
+    assert mixed.size[mixed.find(0)] == 5 and mixed.size[mixed.find(9)] == 5
+    with pytest.raises(IndexError):
+        mixed.union_edges(np.array([[0, 10]]))
+
+
+def test_union_edges_matches_scipy_components_on_random_graph():
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    edges = rng.integers(0, n, size=(3000, 2))
+    uf = UnionFind(n)
+    uf.union_edges(edges)
+    _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)), directed=False)
+    smallest = np.full(comp.max() + 1, n)
+    np.minimum.at(smallest, comp, np.arange(n))
+    np.testing.assert_array_equal(uf.labels(), smallest[comp])
+    assert uf.size[uf.parent == np.arange(n)].sum() == n
+
+
+def test_representatives_with_and_without_priority():
+    assert representatives(10, GRAPH).tolist() == GRAPH_LABELS
+    priority = np.array([1, 5, 5, 0, 2, 3, 3, 9, 0, 7])
+    assert representatives(10, GRAPH, priority).tolist() == [1, 1, 1, 1, 9, 7, 7, 7, 8, 9]
+    reps = representatives(10, GRAPH, priority.astype(np.float64))
+    assert np.flatnonzero(reps == np.arange(10)).tolist() == [1, 7, 8, 9]
+    assert representatives(3, np.zeros((0, 2)), np.array([np.nan, 1.0, 2.0])).tolist() == [0, 1, 2]
+    assert representatives(3, np.array([[0, 1], [1, 2]]), np.array([np.nan, 1.0, 1.0])).tolist() == [1, 1, 1]
+
+
+def test_exact_duplicate_edges():
+    edges = exact_duplicate_edges(["a", "b", "a", None, "b", "a", "", ""])
+    assert edges.dtype == np.int64
+    assert edges.tolist() == [[0, 2], [1, 4], [0, 5]]
+    assert exact_duplicate_edges([]).shape == (0, 2)
+
+
+def test_normalize_text():
+    assert normalize_text("Hello,   World!") == "hello world"
+    assert normalize_text("ＨＥＬＬＯ world") == "hello world"
+    assert normalize_text("Don't stop…") == "dont stop"
+    assert normalize_text("  tabs\tand\nnewlines ") == "tabs and newlines"
+    assert normalize_text("«Quoted» — dash") == "quoted dash"
+    assert normalize_text("ﬁne print") == "fine print"
+    assert normalize_text("$5 + tax") == "$5 + tax"
+    keys = [normalize_text(t) for t in ["A dog runs.", "a dog runs", "A DOG  RUNS!", "A cat runs."]]
+    assert exact_duplicate_edges(keys).tolist() == [[0, 1], [0, 2]]
+
+
+def _encode(arr: np.ndarray, fmt="PNG", quality=95, scale=1.0) -> bytes:
+    im = Image.fromarray(arr)
+    if scale != 1.0:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _bits(x: int) -> int:
+    return bin(x).count("1")
+
+
+def test_perceptual_hash_robust_to_reencoding_and_resizing():
+    import skimage.data
+
+    astronaut, coffee = skimage.data.astronaut(), skimage.data.coffee()
+    h = perceptual_hash(_encode(astronaut))
+    assert isinstance(h, int) and 0 <= h < 2**64
+    assert _bits(h) == 32  # median threshold over 64 coefficients: half the bits set
+    assert h == perceptual_hash(_encode(astronaut))
+    assert _bits(h ^ perceptual_hash(_encode(astronaut, "JPEG", quality=60, scale=0.9))) <= 6
+    h_coffee = perceptual_hash(_encode(coffee))
+    assert _bits(h_coffee ^ perceptual_hash(_encode(coffee, "JPEG", quality=60, scale=0.9))) <= 6
+    assert _bits(h ^ h_coffee) > 20
+
+
+def test_perceptual_hashes_counts_undecodable():
+    import skimage.data
+
+    stats = StepStats("phash")
+    good = _encode(skimage.data.camera())
+    hashes, ok = perceptual_hashes([good, b"garbage", good], stats)
+    assert hashes.dtype == np.uint64 and ok.tolist() == [True, False, True]
+    assert int(hashes[0]) == perceptual_hash(good) and hashes[1] == 0
+    assert stats.as_dict()["dropped_undecodable"] == 1
+    with pytest.raises(ValueError, match="undecodable"):
+        perceptual_hash(b"garbage")
+
+
+CRAFTED = np.array([0, 0b111, 0x3F, 0x7F, 2**64 - 1, 0, 2**63 | 0b11], dtype=np.uint64)
+# distances: 0-1 3, 0-2 6, 0-3 7, 0-5 0, 1-2 3, 1-3 4, 1-5 3, 2-3 1, 2-5 6, 3-5 7, 6-0 3, 6-1 2, 6-2 5, 6-3 6, 6-5 3
+
+
+def test_hamming_edges_on_crafted_hashes():
+    assert hamming_edges(CRAFTED, 6).tolist() == [
+        [0, 1], [0, 2], [0, 5], [0, 6], [1, 2], [1, 3], [1, 5], [1, 6], [2, 3], [2, 5], [2, 6], [3, 6], [5, 6]]
+    assert hamming_edges(CRAFTED, 3).tolist() == [[0, 1], [0, 5], [0, 6], [1, 2], [1, 5], [1, 6], [2, 3], [5, 6]]
+    assert hamming_edges(CRAFTED, 0).tolist() == [[0, 5]]
+    assert hamming_edges(np.zeros(0, dtype=np.uint64)).shape == (0, 2)
+
+
+def _brute_hamming(hashes: np.ndarray, max_distance: int) -> list[list[int]]:
+    ints = [int(h) for h in hashes]
+    return [[i, j] for i in range(len(ints)) for j in range(i + 1, len(ints)) if _bits(ints[i] ^ ints[j]) <= max_distance]
+
+
+def test_binary_hash_index_across_shards_equals_brute_force():
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2**64 - 1, size=120, dtype=np.uint64, endpoint=True)
+    for k in range(30):  # plant near-duplicates at 1..7 flipped bits
+        flips = rng.choice(64, size=k % 7 + 1, replace=False)
+        hashes[60 + k] = hashes[k] ^ np.bitwise_or.reduce(np.uint64(1) << flips.astype(np.uint64))
+    want = _brute_hamming(hashes, 5)
+    assert len(want) == 22  # planted pairs at 1..5 flips; random pairs are ~30 bits apart
+    assert hamming_edges(hashes, 5).tolist() == want
+    index = BinaryHashIndex()
+    index.add(hashes[:50])
+    index.add(hashes[50:])
+    assert index.ntotal == 120
+    got = np.concatenate([index.edges(hashes[:50], 0, 5), index.edges(hashes[50:], 50, 5)])
+    assert sorted(got.tolist()) == want
+
+
+def _planted_vectors(n=300, dim=16, seed=2):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x[200:260] = x[:60] + rng.normal(scale=0.2, size=(60, dim)).astype(np.float32)
+    x[260:270] = x[0]  # an exact-duplicate cluster
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _brute_semantic(x: np.ndarray, threshold: float) -> list[list[int]]:
+    sims = x @ x.T
+    i, j = np.nonzero(np.triu(sims >= threshold, k=1))
+    return np.stack([i, j], axis=1).tolist()
+
+
+def test_semantic_index_flat_equals_brute_force_across_batches():
+    x, threshold = _planted_vectors(), 0.9
+    sims = x @ x.T
+    assert np.abs(sims - threshold).min() > 1e-4  # no pair is ambiguous at float precision
+    want = _brute_semantic(x, threshold)
+    assert len(want) > 100
+    index = SemanticIndex(16, threshold, use_gpu="never")
+    index.add(x)
+    assert index.edges(x, 0).tolist() == want
+    two = SemanticIndex(16, threshold, use_gpu="never")
+    two.add(x[:130])
+    two.add(x[130:])
+    got = np.concatenate([two.edges(x[:130], 0), two.edges(x[130:], 130)])
+    assert got.dtype == np.int64
+    assert sorted(got.tolist()) == want
+
+
+def test_semantic_index_threshold_is_inclusive_and_excludes_self():
+    x = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    index = SemanticIndex(3, 1.0, use_gpu="never")
+    index.add(x)
+    assert index.edges(x, 0).tolist() == [[0, 1]]
+    assert index.edges(x[1:2], 1).tolist() == []  # the pair is reported by its smaller id only
+
+
+def test_semantic_index_knn_mode_and_saturation():
+    x, threshold = _planted_vectors(), 0.9
+    want = _brute_semantic(x, threshold)
+    knn = SemanticIndex(16, threshold, use_gpu="never", search="knn", k_neighbors=300)
+    knn.add(x)
+    assert knn.edges(x, 0).tolist() == want and knn.saturated_queries == 0
+    small = SemanticIndex(16, threshold, use_gpu="never", search="knn", k_neighbors=4)
+    small.add(x)
+    got = small.edges(x, 0).tolist()
+    assert set(map(tuple, got)) < set(map(tuple, want))
+    # Saturated: rows with at least k neighbours (self included) >= threshold: the 11 copies of
+    # x[0] and its noisy copy x[200].
+    assert small.saturated_queries == int(((x @ x.T >= threshold).sum(axis=1) >= 4).sum()) == 12
+
+
+def test_semantic_index_ivf_train_and_probe_all_lists_is_exact():
+    x, threshold = _planted_vectors(), 0.9
+    index = SemanticIndex(16, threshold, index_factory="IVF4,Flat", use_gpu="never", nprobe=4)
+    assert not index.is_trained
+    with pytest.raises(RuntimeError, match="trained"):
+        index.add(x)
+    index.train(x)
+    index.add(x)
+    assert index.edges(x, 0).tolist() == _brute_semantic(x, threshold)
+    with pytest.raises(ValueError):
+        index.edges(x[:, :8], 0)
