@@ -1,0 +1,228 @@
+"""Perplexity scoring with a causal LM, and POINTS' lowest-perplexity sampler.
+
+Scores are computed once and stored as a column; thresholds (RealSyn's band filter in
+`realsyn.filters.perplexity_band`, POINTS' keep fraction here) are applied to the stored scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from realsyn.stats import StepStats
+
+EMBEDDED_SCORER = "embedded:smollm2-135m-instruct"
+
+# Start token per model where the tokenizer's BOS is not the pretraining document start: the
+# SmolLM2-Instruct GGUF declares the chat-turn marker <|im_start|> as BOS, after which the model
+# expects a role name; <|endoftext|> separates its pretraining documents (first 96 COCO captions: median
+# perplexity 140 after it vs 214 after <|im_start|>; every caption below its shuffled words with both).
+DOCUMENT_START_TOKENS: dict[str, str] = {EMBEDDED_SCORER: "<|endoftext|>"}
+
+
+class CausalLMPerplexityScorer:
+    """Per-text perplexity = exp(mean next-token NLL over the text's tokens).
+
+    A start token is prepended so the first word is scored too: ``bos_token`` if given, else the
+    model's document start (``DOCUMENT_START_TOKENS``), else the tokenizer's BOS; with none (or
+    ``add_bos=False``) the first token is context only. Texts longer than ``max_length`` tokens (BOS included)
+    are scored on their first ``max_length`` tokens. Empty or non-string texts score nan.
+    ``model`` is ``embedded:smollm2-135m-instruct`` or any Hugging Face causal LM name or path;
+    ``dtype`` "auto" is float32 on CPU and bf16/fp16 on GPU (scores then differ slightly).
+    """
+
+    def __init__(
+        self,
+        model: str = EMBEDDED_SCORER,
+        device: str = "auto",
+        batch_size: int = 16,
+        max_length: int = 128,
+        add_bos: bool = True,
+        dtype: str = "auto",
+        bos_token: str | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self._model_name = model
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.add_bos = bool(add_bos)
+        self.dtype = dtype
+        self.bos_token = bos_token if bos_token is not None else DOCUMENT_START_TOKENS.get(model)
+        self._model = None
+        self._tokenizer = None
+
+    @property
+    def model_id(self) -> str:
+        return self._model_name
+
+    def _load(self):
+        if self._model is None:
+            from realsyn.models.causal_lm import load_causal_lm
+
+            self._model, self._tokenizer = load_causal_lm(self._model_name, device=self.device, dtype=self.dtype)
+            self._model.eval()
+        return self._model, self._tokenizer
+
+    def _bos_id(self, tokenizer) -> int | None:
+        if self.bos_token is None:
+            return tokenizer.bos_token_id
+        token_id = tokenizer.convert_tokens_to_ids(self.bos_token)
+        # Unknown tokens map to the unk id, whose own text differs (SmolLM2's unk is <|endoftext|> itself).
+        if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != self.bos_token:
+            raise ValueError(f"start token {self.bos_token!r} is not in the vocabulary of {self._model_name!r}")
+        return token_id
+
+    def _token_ids(self, texts: Sequence[Any]) -> list[list[int] | None]:
+        """Token ids to feed per text (BOS first when used), or None when nothing can be scored."""
+        _, tokenizer = self._load()
+        bos = self._bos_id(tokenizer) if self.add_bos else None
+        valid = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        out: list[list[int] | None] = [None] * len(texts)
+        if not valid:
+            return out
+        encoded = tokenizer([texts[i] for i in valid], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(valid, encoded):
+            ids = ([bos] if bos is not None else []) + list(ids)
+            ids = ids[: self.max_length]
+            # At least one predicted token: the BOS (or, without BOS, the first token) is context.
+            out[i] = ids if len(ids) >= 2 else None
+        return out
+
+    def score(self, texts: Sequence[Any]) -> np.ndarray:
+        """float32 perplexity per text; nan where the text is empty or not a string."""
+        import torch
+
+        model, tokenizer = self._load()
+        token_ids = self._token_ids(texts)
+        result = np.full(len(texts), np.nan, dtype=np.float32)
+        scorable = [i for i, ids in enumerate(token_ids) if ids is not None]
+        # Length-sorted batches waste little compute on padding; stable sort keeps runs deterministic.
+        scorable.sort(key=lambda i: len(token_ids[i]))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            for start in range(0, len(scorable), self.batch_size):
+                rows = scorable[start : start + self.batch_size]
+                width = max(len(token_ids[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, i in enumerate(rows):  # right padding: real tokens keep positions 0..n-1
+                    ids = token_ids[i]
+                    input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    attention[r, : len(ids)] = 1
+                input_ids = input_ids.to(device)
+                attention = attention.to(device)
+                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1, :]
+                targets = input_ids[:, 1:]
+                nll = torch.nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+                ).view(targets.shape)
+                scored = attention[:, 1:].to(nll.dtype)  # padded targets are masked out of the loss
+                mean_nll = (nll * scored).sum(dim=1) / scored.sum(dim=1)
+                result[rows] = torch.exp(mean_nll).cpu().numpy().astype(np.float32)
+        return result
+
+
+def tie_break_keys(ids: Sequence[Any]) -> np.ndarray:
+    """uint32 per row id (blake2b of its UTF-8 text), fixed across runs and batchings; None -> ''."""
+    out = np.empty(len(ids), dtype=np.uint32)
+    for i, row_id in enumerate(ids):
+        data = ("" if row_id is None else str(row_id)).encode("utf-8")
+        out[i] = int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
+    return out
+
+
+def _sortable_score_bits(scores: np.ndarray) -> np.ndarray:
+    """uint32 whose unsigned order equals the float32 order of ``scores`` (no nan)."""
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
+    negative = (bits & np.uint32(0x80000000)) != 0
+    return np.where(negative, ~bits, bits | np.uint32(0x80000000))
+
+
+class PointsPerplexitySampler:
+    """POINTS' selection: keep the ``keep_fraction`` of samples with the lowest text perplexity.
+
+    Two-phase sampler. ``fit`` collects one uint64 key per scored sample (float32 score bits
+    high, a hash of the row id low: 8 bytes per sample) and finds the key of rank
+    ``round_half_up(keep_fraction * n_valid)``; ``select`` keeps rows at or below it. The id hash
+    breaks score ties, so exactly that many are kept whatever the batching, unless two tied rows
+    share a 32-bit id hash (then they are kept or dropped together). Nan or null scores are never kept.
+    """
+
+    name = "points_perplexity"
+
+    def __init__(self, keep_fraction: float = 0.2, score_column: str = "text_perplexity", id_column: str = "image_id"):
+        if not 0.0 <= keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+        self.keep_fraction = float(keep_fraction)
+        self.score_column = score_column
+        self.id_column = id_column
+        self.required_columns = (score_column, id_column)
+        self.stats = StepStats(f"sample_{self.name}")
+
+    def _keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(uint64 sort key per row, bool valid per row); invalid rows have nan/null scores."""
+        scores = batch.column(self.score_column).to_numpy(zero_copy_only=False)
+        scores = np.asarray(scores, dtype=np.float64).astype(np.float32)  # nulls arrive as nan
+        valid = ~np.isnan(scores)
+        high = _sortable_score_bits(np.where(valid, scores, np.float32(0))).astype(np.uint64)
+        low = tie_break_keys(batch.column(self.id_column).to_pylist()).astype(np.uint64)
+        return (high << np.uint64(32)) | low, valid
+
+    def fit(self, batches: Iterable[pa.Table]) -> dict[str, np.ndarray]:
+        parts = []
+        for batch in batches:
+            keys, valid = self._keys(batch)
+            self.stats.add("fit_rows", len(valid))
+            self.stats.add("fit_missing_score", int((~valid).sum()))
+            parts.append(keys[valid])
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+        n_valid = len(keys)
+        keep_count = min(n_valid, math.floor(self.keep_fraction * n_valid + 0.5))
+        threshold = np.partition(keys, keep_count - 1)[keep_count - 1] if keep_count else np.uint64(0)
+        threshold_perplexity = _score_from_bits(np.uint32(int(threshold) >> 32)) if keep_count else np.nan
+        return {
+            "threshold_key": np.array([threshold], dtype=np.uint64),
+            "keep_count": np.array([keep_count], dtype=np.int64),
+            "n_valid": np.array([n_valid], dtype=np.int64),
+            "threshold_perplexity": np.array([threshold_perplexity], dtype=np.float32),
+        }
+
+    def select(self, batch: pa.Table, state: dict[str, np.ndarray]) -> np.ndarray:
+        keys, valid = self._keys(batch)
+        keep = self._keep(keys, valid, state)
+        self.stats.add("selected", int(keep.sum()))
+        self.stats.drop("perplexity_missing", int((~valid).sum()))
+        self.stats.drop("perplexity_above_points_cut", int((valid & ~keep).sum()))
+        return keep
+
+    def drop_reasons(self, batch: pa.Table, state: dict[str, np.ndarray]) -> list[str | None]:
+        """Per row: None when kept, else ``perplexity_missing`` or ``perplexity_above_points_cut``."""
+        keys, valid = self._keys(batch)
+        keep = self._keep(keys, valid, state)
+        return [
+            None if kept else ("perplexity_above_points_cut" if scored else "perplexity_missing")
+            for kept, scored in zip(keep, valid)
+        ]
+
+    @staticmethod
+    def _keep(keys: np.ndarray, valid: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
+        if int(state["keep_count"][0]) == 0:
+            return np.zeros(len(keys), dtype=bool)
+        return valid & (keys <= state["threshold_key"][0])
+
+
+def _score_from_bits(sortable: np.uint32) -> float:
+    """Inverse of `_sortable_score_bits` for one value."""
+    value = int(sortable)
+    bits = value & 0x7FFFFFFF if value & 0x80000000 else ~value & 0xFFFFFFFF
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
