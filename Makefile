@@ -8,6 +8,8 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# the GGUF LLM is dequantized once and kept here as a plain HF directory (30-70 s saved per process)
+export REALSYN_MODEL_CACHE := $(CURDIR)/.model_cache
 
 .PHONY: venv demo test ui bench clean
 

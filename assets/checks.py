@@ -29,7 +29,8 @@ def sampled_splits_respect_caps(storage: StorageResource) -> dg.AssetCheckResult
         caps = [s["cap"] for s in info["samplers"] if s["name"] == "cluster_cap"]
         if not caps:
             continue
-        names = [f for f in reader.files if f.startswith(f"{split}/") and f.endswith(".parquet") and f.count("/") == 1]
+        # the split's per-shard selections, not its sampler reports
+        names = [f for f in reader.files if f.startswith(f"{split}/") and f.endswith(".parquet") and f.count("/") == 1 and not f.split("/")[1].startswith("report-")]
         clusters = np.concatenate([reader.read_parquet(f).column("cluster").to_numpy() for f in names]) if names else np.zeros(0, np.int32)
         largest = int(np.bincount(clusters).max()) if len(clusters) else 0
         worst[split] = largest

@@ -1,5 +1,7 @@
 """Global image clustering, balanced split sampling and export."""
 
+import base64
+
 import dagster as dg
 
 from assets.configs import ExportConfig, ImageClustersConfig, SampledSplitsConfig
@@ -19,8 +21,15 @@ def sampled_splits(context: dg.AssetExecutionContext, config: SampledSplitsConfi
     specs = [stage.SplitSpec(s.name, [c.to_spec() for c in s.samplers]) for s in config.splits]
     needs_ppl = any(sp.name == "points_perplexity" for s in specs for sp in s.samplers)
     result = stage.sample_splits(storage.get(), registered_shards(context), specs, perplexity_scorer=perplexity.get() if needs_ppl else None)
-    meta = {f"{name}/rows_out": int(st.counts["rows_out"]) for name, st in result.items()}
-    meta.update({f"{name}/rows_in": int(st.counts["rows_in"]) for name, st in result.items()})
+    meta = {}
+    for name, st in result.items():
+        meta.update({f"{name}/{k}": v for k, v in st.as_dict().items()})
+    # sampler reports (e.g. MetaCLIP's cumulative entry distribution) shown inline in the UI
+    reader = storage.get().reader(stage.SAMPLED_SPLITS)
+    for f in reader.files:
+        if f.endswith(".png"):
+            png = base64.b64encode(reader.read_bytes(f)).decode()
+            meta[f.replace("/", ": ")] = dg.MetadataValue.md(f"![{f}](data:image/png;base64,{png})")
     return dg.MaterializeResult(metadata={**meta, "splits": ", ".join(result), "path": dg.MetadataValue.path(storage.get().uri(stage.SAMPLED_SPLITS))})
 
 @dg.asset(deps=["sampled_splits", dg.AssetDep("filtered_images", partition_mapping=ALL_SHARDS)], group_name="export", op_tags=GLOBAL_STEP_TAGS, description="Each split as WebDataset tar shards with sizes.json (open_clip reads them directly) and as Parquet; every sample carries its image, ranked real texts and synthetic texts.")

@@ -193,9 +193,21 @@ class MetaClipMatcher:
         return text_index, entry_id
 
 
+EMBEDDED_METADATA = "embedded:visual-concepts"
+
+
 def load_metadata(path: str) -> list[str]:
-    """The metadata list (a JSON list of strings) from a local path or URL."""
+    """The metadata list (a JSON list of strings) from a local path or URL.
+
+    ``embedded:visual-concepts`` is the small concept list shipped with the package (the tagger's
+    vocabulary), for demos; production uses MetaCLIP's 500k WordNet + Wikipedia entries.
+    """
     from realsyn.storage import filesystem_for
+
+    if path == EMBEDDED_METADATA:
+        from realsyn.generation.tagging import load_default_vocabulary
+
+        return list(load_default_vocabulary())
 
     fs, p = filesystem_for(path)
     with fs.open(p, "rb") as f:

@@ -128,6 +128,7 @@ def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[Spli
             stats = StepStats(f"{SAMPLED_SPLITS}:{split.name}")
             with stats.timed():
                 masks = {s: None for s in shards}
+                dropped_by: dict[str, np.ndarray] = {}
                 for i, spec in enumerate(split.samplers):
                     sampler = create_plugin("sampler", spec.name, **spec.params)
                     need = tuple(getattr(sampler, "required_columns", ()))
@@ -143,9 +144,9 @@ def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[Spli
                     w.write_bytes(f"{split.name}/state-{i}-{spec.name}.npz", buf.getvalue())
                     for name, blob in (sampler.report(state).items() if hasattr(sampler, "report") else []):
                         if isinstance(blob, pa.Table):
-                            w.write_parquet(f"{split.name}/{name}", blob)
+                            w.write_parquet(f"{split.name}/report-{i}-{name}", blob)
                         else:
-                            w.write_bytes(f"{split.name}/{name}", blob)
+                            w.write_bytes(f"{split.name}/report-{i}-{name}", blob)
                     before = 0
                     for s in shards:
                         t = cands.table(s, need)
@@ -154,13 +155,18 @@ def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[Spli
                         sub = t.filter(pa.array(prev))
                         sel[np.flatnonzero(prev)] = np.asarray(sampler.select(sub, state), dtype=bool)
                         before += int(prev.sum())
+                        reasons = dropped_by.setdefault(s, np.full(t.num_rows, None, dtype=object))
+                        reasons[prev & ~sel] = spec.name
                         masks[s] = sel
-                    stats.drop(f"{spec.name}", before - sum(int(m.sum()) for m in masks.values()))
+                    stats.drop(spec.name, before - sum(int(m.sum()) for m in masks.values()))
                 total_in = 0
                 for s in shards:
                     t = cands.table(s, ())
                     total_in += t.num_rows
                     w.write_parquet(f"{split.name}/{s}.parquet", t.select(["image_id", "cluster"]).filter(pa.array(masks[s])))
+                    # which sampler of the chain dropped each excluded sample
+                    out = ~masks[s]
+                    w.write_parquet(f"{split.name}/excluded/{s}.parquet", pa.table({"image_id": t.column("image_id").filter(pa.array(out)), "reason": pa.array(list(dropped_by[s][out]), pa.string())}))
                 stats.add("rows_in", total_in)
                 stats.add("rows_out", sum(int(m.sum()) for m in masks.values()))
             all_stats[split.name] = stats

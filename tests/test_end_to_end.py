@@ -1,0 +1,204 @@
+"""The whole graph on the bundled sample corpus, through Dagster, locally and on moto's S3."""
+
+import collections
+import glob
+import os
+
+import dagster as dg
+import numpy as np
+import pytest
+import yaml
+
+from assets.runner import run_graph
+from realsyn.documents import list_input_shards, shard_key
+from realsyn.sample_corpus import build_sample_corpus
+from realsyn.storage import Storage
+from tests.s3_server import moto_s3
+
+pytestmark = pytest.mark.slow
+
+CAPS = {"cap2": 2, "cap3": 3, "cap5": 5}
+
+
+def _config(path) -> str:
+    cfg = {
+        "assets": {
+            "sentence_clusters": {"n_clusters": 6},
+            "image_clusters": {"n_clusters": 4},
+            "synthetic_captions": {"max_new_tokens": 12, "batch_size": 8},
+            "sampled_splits": {
+                "splits": [{"name": n, "samplers": [{"name": "cluster_cap", "cap": c}]} for n, c in CAPS.items()]
+                + [
+                    # MetaCLIP balancing after the RealSyn cap, on the real texts; POINTS on its own
+                    {"name": "metaclip", "samplers": [{"name": "cluster_cap", "cap": 5}, {"name": "metaclip", "t": 1, "metadata_path": "embedded:visual-concepts", "text_columns": ["real_texts"]}]},
+                    {"name": "points", "samplers": [{"name": "points_perplexity", "keep_fraction": 0.5}]},
+                ]
+            },
+            "exported_splits": {"samples_per_shard": 4},
+        },
+        "resources": {},
+    }
+    p = os.path.join(path, "run.yaml")
+    with open(p, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return p
+
+
+def _reasons(storage: Storage, asset: str, shards) -> collections.Counter:
+    out = collections.Counter()
+    for s in shards:
+        out.update(storage.reader(asset, s).read_parquet("excluded.parquet").column("reason").to_pylist())
+    return out
+
+
+def _check_outputs(storage: Storage, shards, planted):
+    # stage 3: the planted bad images are dropped with their reasons
+    assert sum(storage.reader("image_db", s).read_parquet("images.parquet").num_rows for s in shards) == planted["image_slots"]
+    image_drops = _reasons(storage, "filtered_images", shards)
+    assert image_drops == {"short_side": planted["tiny_images"], "aspect_ratio": planted["extreme_aspect_images"], "undecodable": 1, "fetch_failed": 1}
+    # stage 4: exact copies and re-encoded/resized copies collapse to one representative each
+    dedup = storage.reader("image_dedup")
+    decisions = [dedup.read_parquet(f"{s}.parquet").to_pylist() for s in shards]
+    reasons = collections.Counter(d["reason"] for ds in decisions for d in ds if not d["kept"])
+    assert reasons == {"exact_duplicate": planted["exact_duplicate_images"], "perceptual_duplicate": planted["near_duplicate_images"]}
+    kept_images = [d["id"] for ds in decisions for d in ds if d["kept"]]
+    assert len(kept_images) == planted["photos"]  # one survivor per distinct photo; random weights never merge distinct ones
+    # stage 5: planted bad sentences are dropped with their reasons; no duplicate survives
+    sentence_drops = _reasons(storage, "sentence_candidates", shards)
+    for reason, key in [("emoji", "emoji_sentences"), ("url", "url_sentences"), ("too_few_words", "too_short_sentences"), ("too_many_words", "too_long_sentences")]:
+        assert sentence_drops[reason] == planted[key], reason
+    assert sentence_drops["below_c1"] + sentence_drops["no_action"] > 0
+    kept_sentences = set()
+    texts = {}
+    for s in shards:
+        t = storage.reader("filtered_sentences", s).read_parquet("sentences.parquet")
+        texts.update(zip(t.column("sentence_id").to_pylist(), t.column("text").to_pylist()))
+        kept = storage.reader("sentence_dedup").read_parquet(f"{s}.parquet")
+        kept_sentences.update(i for i, k in zip(kept.column("id").to_pylist(), kept.column("kept").to_pylist()) if k)
+    kept_texts = [texts[i] for i in kept_sentences]
+    assert len(kept_texts) == len(set(kept_texts))
+    # stage 7: k = 3 real texts per image, ranked, all from the kept sentences
+    retrieved = 0
+    for s in shards:
+        for row in storage.reader("retrievals", s).read_parquet("retrievals.parquet").to_pylist():
+            assert len(row["texts"]) == 3 and set(row["sentence_ids"]) <= kept_sentences
+            assert row["scores"] == sorted(row["scores"], reverse=True)
+            retrieved += 1
+    assert retrieved == planted["photos"]
+    # stage 8: one non-empty synthetic caption per image
+    captions = [c for s in shards for c in storage.reader("synthetic_captions", s).read_parquet("captions.parquet").column("synthetic_caption").to_pylist()]
+    assert len(captions) == planted["photos"] and all(c.strip() for c in captions)
+    # stage 10: caps respected; clusters under the cap kept whole
+    clusters = {}
+    for s in shards:
+        t = storage.reader("image_clusters").read_parquet(f"assignments/{s}.parquet")
+        clusters.update(zip(t.column("image_id").to_pylist(), t.column("cluster").to_pylist()))
+    sizes = collections.Counter(clusters.values())
+    splits = storage.reader("sampled_splits")
+    for split, cap in CAPS.items():
+        chosen = [i for s in shards for i in splits.read_parquet(f"{split}/{s}.parquet").column("image_id").to_pylist()]
+        per_cluster = collections.Counter(clusters[i] for i in chosen)
+        assert per_cluster == {c: min(n, cap) for c, n in sizes.items()}, split
+    # the plug-in samplers: MetaCLIP keeps a subset of the cap-5 split, each kept sample matching an
+    # entry; POINTS keeps exactly the lower half by perplexity
+    from realsyn.curation.metaclip import MetaClipMatcher, load_metadata
+
+    def chosen(split):
+        return [i for s in shards for i in splits.read_parquet(f"{split}/{s}.parquet").column("image_id").to_pylist()]
+
+    matcher = MetaClipMatcher(load_metadata("embedded:visual-concepts"))
+    real = {}
+    for s in shards:
+        for row in storage.reader("retrievals", s).read_parquet("retrievals.parquet").to_pylist():
+            real[row["image_id"]] = row["texts"]
+    meta_split = chosen("metaclip")
+    assert set(meta_split) <= set(chosen("cap5")) and len(meta_split) < len(chosen("cap5"))
+    assert all(any(matcher.match(t) for t in real[i]) for i in meta_split)
+    excluded = collections.Counter(r for s in shards for r in splits.read_parquet(f"metaclip/excluded/{s}.parquet").column("reason").to_pylist())
+    assert excluded["cluster_cap"] == planted["photos"] - len(chosen("cap5")) and excluded["metaclip"] == len(chosen("cap5")) - len(meta_split)
+    assert any(f.startswith("metaclip/report-1-") and f.endswith(".png") for f in splits.files)
+    assert len(chosen("points")) == int(0.5 * planted["photos"] + 0.5)  # POINTS rounds half up
+
+    # stage 11: tar shards readable by webdataset, sizes.json adds up
+    import webdataset as wds
+
+    export = storage.reader("exported_splits")
+    for split in [*CAPS, "metaclip", "points"]:
+        sizes_json = export.read_json(f"{split}/sizes.json")
+        local = []
+        for name in sizes_json:
+            with export.open(f"{split}/{name}") as src:
+                local.append(src.read())
+        samples = []
+        for i, blob in enumerate(local):
+            path = os.path.join(os.environ["E2E_TMP"], f"{split}-{i}.tar")
+            with open(path, "wb") as f:
+                f.write(blob)
+            samples += list(wds.WebDataset(path, shardshuffle=False).decode("pil").to_tuple("jpg;png;webp", "txt", "json"))
+        assert len(samples) == sum(sizes_json.values()) == len([i for s in shards for i in splits.read_parquet(f"{split}/{s}.parquet").column("image_id").to_pylist()])
+        for image, txt, meta in samples:
+            assert min(image.size) >= 100 and txt.strip() and len(meta["real_texts"]) == 3 and meta["synthetic_texts"] == [txt]
+
+
+def _run(input_uri, storage_root, tmp_path, instance):
+    report = run_graph(input_uri, storage_root, config_path=_config(str(tmp_path)), env="local", instance=instance, log=lambda *_: None)
+    assert report.success, [str(f) for f in report.failures]
+    return report
+
+
+def test_whole_graph_locally_and_rerun_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setenv("E2E_TMP", str(tmp_path))
+    corpus = tmp_path / "corpus"
+    planted = build_sample_corpus(str(corpus))
+    instance = dg.DagsterInstance.ephemeral()
+    report = _run(str(corpus), str(tmp_path / "store"), tmp_path, instance)
+    shards = sorted(shard_key(u, str(corpus)) for u in list_input_shards(str(corpus)))
+    assert report.shards == shards and len(shards) == planted["n_shards"]
+    storage = Storage(str(tmp_path / "store"))
+    _check_outputs(storage, shards, planted)
+
+    # every asset materialized in the Dagster instance with metadata
+    mat = instance.fetch_materializations(dg.AssetKey("filtered_images"), limit=10).records
+    assert len(mat) == len(shards) and mat[0].asset_materialization.metadata["dagster/row_count"].value > 0
+    first = {s: storage.reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist() for s in shards}
+
+    # a rerun replaces every partition cleanly and regenerates no caption (cache by image and prompt)
+    _run(str(corpus), str(tmp_path / "store"), tmp_path, instance)
+    caps = instance.fetch_materializations(dg.AssetKey("synthetic_captions"), limit=20).records
+    latest = caps[: len(shards)]
+    assert sum(r.asset_materialization.metadata["generated"].value for r in latest) == 0
+    assert sum(r.asset_materialization.metadata["cached"].value for r in latest) == planted["photos"]
+    again = {s: Storage(str(tmp_path / "store")).reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist() for s in shards}
+    assert again == first
+    assert len(glob.glob(str(tmp_path / "store" / "retrievals" / shards[0] / "g-*"))) == 1
+
+
+def test_whole_graph_on_s3(tmp_path, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("E2E_TMP", str(tmp_path))
+    corpus = tmp_path / "corpus"
+    planted = build_sample_corpus(str(corpus))
+    with moto_s3(("realsyn",)):
+        fs = s3fs.S3FileSystem(use_listings_cache=False)
+        fs.put(str(corpus) + "/", "realsyn/corpus/", recursive=True)
+        _run("s3://realsyn/corpus", "s3://realsyn/store", tmp_path, dg.DagsterInstance.ephemeral())
+        storage = Storage("s3://realsyn/store")
+        shards = sorted(shard_key(u, "s3://realsyn/corpus") for u in list_input_shards("s3://realsyn/corpus"))
+        _check_outputs(storage, shards, planted)
+        assert fs.exists("realsyn/store/exported_splits/_global/_CURRENT.json")
+
+
+def test_cli_reports_failing_asset_and_shard(tmp_path, capsys):
+    from realsyn.cli import main
+
+    corpus = tmp_path / "corpus"
+    build_sample_corpus(str(corpus))
+    # a caption model that cannot be loaded: the graph must stop at synthetic_captions and say so
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"assets": {"sentence_clusters": {"n_clusters": 4}}, "resources": {"generator": {"model": str(tmp_path / "no-such-model")}, "perplexity": {"enabled": False}}}))
+    code = main(["run", "--input", str(corpus), "--storage", str(tmp_path / "store"), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "asset 'synthetic_captions' failed for shard part-00000" in err
+    assert main(["run", "--input", str(tmp_path / "empty"), "--storage", str(tmp_path / "store")]) == 2
