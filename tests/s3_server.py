@@ -27,6 +27,10 @@ def moto_s3(buckets: tuple[str, ...] = ("realsyn",)) -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     try:
+        import requests
+
+        # moto keeps one in-memory backend per process: start every test from an empty S3
+        requests.post(f"{endpoint}/moto-api/reset", timeout=10).raise_for_status()
         client = boto3.client("s3", endpoint_url=endpoint)
         for b in buckets:
             client.create_bucket(Bucket=b)

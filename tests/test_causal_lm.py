@@ -69,7 +69,8 @@ def test_offline_hub_id_errors_clearly(monkeypatch, tmp_path):
         load_causal_lm("example-org/model-that-is-not-cached", device="cpu")
 
 
-def test_unknown_embedded_name_and_resolution():
+def test_unknown_embedded_name_and_resolution(monkeypatch):
+    monkeypatch.delenv("REALSYN_MODEL_CACHE", raising=False)  # resolve the shipped GGUF itself
     with pytest.raises(CausalLMLoadError, match="unknown embedded model"):
         resolve_model_source("embedded:gpt-9")
     directory, gguf = resolve_model_source(EMBEDDED_SMOLLM2)
