@@ -14,8 +14,8 @@ def _sample_run_config() -> str:
     return str(importlib_resources.files("realsyn") / "data" / "sample_run.yaml")
 
 
-def _ensure_dagster_home(default: str) -> str:
-    home = os.path.abspath(os.environ.get("DAGSTER_HOME") or default)
+def _ensure_dagster_home(home: str) -> str:
+    home = os.path.abspath(home)
     os.makedirs(home, exist_ok=True)
     cfg = os.path.join(home, "dagster.yaml")
     if not os.path.exists(cfg):
@@ -60,8 +60,8 @@ def _print_summary(storage_root: str, shards: list[str]) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.dagster_home:
-        _ensure_dagster_home(args.dagster_home)
+    if args.dagster_home or os.environ.get("DAGSTER_HOME"):
+        _ensure_dagster_home(args.dagster_home or os.environ["DAGSTER_HOME"])
     return _run(args.input, args.storage, args.config, args.env)
 
 

@@ -189,8 +189,11 @@ def test_whole_graph_on_s3(tmp_path, monkeypatch):
         assert fs.exists("realsyn/store/exported_splits/_global/_CURRENT.json")
 
 
-def test_cli_reports_failing_asset_and_shard(tmp_path, capsys):
+def test_cli_reports_failing_asset_and_shard(tmp_path, capsys, monkeypatch):
     from realsyn.cli import main
+
+    home = tmp_path / "dagster_home"  # not created: the CLI makes the persistent instance itself
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
 
     corpus = tmp_path / "corpus"
     build_sample_corpus(str(corpus))
@@ -200,5 +203,9 @@ def test_cli_reports_failing_asset_and_shard(tmp_path, capsys):
     code = main(["run", "--input", str(corpus), "--storage", str(tmp_path / "store"), "--config", str(cfg)])
     err = capsys.readouterr().err
     assert code == 1
-    assert "asset 'synthetic_captions' failed for shard part-00000" in err
+    assert "asset 'synthetic_captions' failed for shard part-00000" in err, err
+    # the persistent instance holds the runs, the failed one included
+    runs = dg.DagsterInstance.from_config(str(home)).get_runs()
+    assert any(r.job_name == "caption_shards" and r.status == dg.DagsterRunStatus.FAILURE for r in runs)
+    assert sum(r.job_name == "prepare_shards" and r.status == dg.DagsterRunStatus.SUCCESS for r in runs) == 4
     assert main(["run", "--input", str(tmp_path / "empty"), "--storage", str(tmp_path / "store")]) == 2

@@ -177,7 +177,7 @@ def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[Spli
 
 def export_splits(storage: Storage, shards: Sequence[str], *, samples_per_shard: int = 1000) -> dict[str, StepStats]:
     """Each split as WebDataset tar shards (+ sizes.json, as open_clip reads them) and Parquet."""
-    from realsyn.export import samples_to_parquet_table, write_webdataset
+    from realsyn.export import make_sample, samples_to_parquet_table, write_webdataset
 
     splits_reader = storage.reader(SAMPLED_SPLITS)
     split_names = sorted(splits_reader.read_json("summary.json"))
@@ -187,8 +187,7 @@ def export_splits(storage: Storage, shards: Sequence[str], *, samples_per_shard:
             stats = StepStats(f"{EXPORTED_SPLITS}:{split}")
             with stats.timed():
 
-                def samples(split=split, stats=stats) -> Iterator[dict]:
-                    n = 0
+                def samples(split=split) -> Iterator[dict]:
                     for s in shards:
                         chosen = splits_reader.read_parquet(f"{split}/{s}.parquet").column("image_id").to_pylist()
                         if not chosen:
@@ -204,26 +203,8 @@ def export_splits(storage: Storage, shards: Sequence[str], *, samples_per_shard:
                             img = imgs.slice(ipos[image_id], 1).to_pylist()[0]
                             r = retr.slice(rpos[image_id], 1).to_pylist()[0]
                             synthetic = caps.column("synthetic_caption")[cpos[image_id]].as_py()
-                            real = r["texts"]
-                            sample = {
-                                "key": f"{split}_{n:09d}",
-                                "image_bytes": img["image_bytes"],
-                                "image_format": img["format"],
-                                "txt": synthetic or (real[0] if real else ""),
-                                "json": {
-                                    "image_id": image_id,
-                                    "real_texts": real,
-                                    "real_scores": r["scores"],
-                                    "real_sentence_ids": r["sentence_ids"],
-                                    "synthetic_texts": [synthetic] if synthetic else [],
-                                    "width": img["width"],
-                                    "height": img["height"],
-                                    "doc_id": img["doc_id"],
-                                    "source": img["source"],
-                                    "shard": s,
-                                },
-                            }
-                            n += 1
+                            sample = make_sample(image_id, img["image_bytes"], img["format"], r["texts"], r["scores"], [synthetic], img["width"], img["height"], img["doc_id"], img["source"])
+                            sample["json"].update(real_sentence_ids=r["sentence_ids"], shard=s)
                             shard_samples.append(sample)
                             yield sample
                         w.write_parquet(f"{split}/parquet/{s}.parquet", samples_to_parquet_table(shard_samples))

@@ -31,6 +31,7 @@ def _kept(storage: Storage, asset: str, shard: str) -> int:
 def stage_counts(storage: Storage, shards: Sequence[str]) -> dict:
     counts: dict = {
         "shards": len(shards),
+        "documents": 0,
         "images_in_db": sum(_rows(storage, "image_db", s, "images.parquet") for s in shards),
         "images_after_rules": sum(_rows(storage, "filtered_images", s, "images.parquet") for s in shards),
         "images_after_dedup": sum(_kept(storage, "image_dedup", s) for s in shards),
@@ -50,7 +51,10 @@ def stage_counts(storage: Storage, shards: Sequence[str]) -> dict:
             pass
     counts["pairs_after_similarity"] = kept_pairs
     try:
-        counts["documents"] = sum(int(storage.reader("image_db", s).info.get("documents_in", 0)) for s in shards)
+        infos = [storage.reader("image_db", s).info for s in shards]
+        malformed = sum(int(i.get("dropped_malformed_document", 0)) for i in infos)
+        counts["documents"] = sum(int(i.get("documents_in", 0)) for i in infos) - malformed
+        counts["documents_malformed_skipped"] = malformed
     except MissingOutputError:
         counts["documents"] = 0
     try:
