@@ -7,7 +7,7 @@ Output: per shard ``{shard}.parquet`` (id, kept, representative_id, reason) in o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -83,88 +83,85 @@ def _semantic_threshold(storage: Storage, asset: str, shards: Sequence[str], thr
     return threshold
 
 
+def _read_index(storage: Storage, asset: str, shards: Sequence[str]) -> tuple[list[str], list[pa.Table], list[int]]:
+    shards = require_partitions(storage, asset, shards)
+    tables = [storage.reader(asset, s).read_parquet("index.parquet") for s in shards]
+    return shards, tables, [t.num_rows for t in tables]
+
+
+def _column(tables: list[pa.Table], name: str) -> list:
+    return [x for t in tables for x in t.column(name).to_pylist()]
+
+
+def _decide(storage: Storage, asset: str, shards: Sequence[str], sizes: list[int], ids: list[str], edges: list[np.ndarray], priority: np.ndarray | None, reason_of: Callable[[int, int], str], stats: StepStats, info: dict) -> None:
+    """Union-Find over all edges, one representative per component, a reason for every other member."""
+    from realsyn.dedup import representatives
+
+    n = len(ids)
+    all_edges = np.concatenate([np.zeros((0, 2), np.int64), *edges]).astype(np.int64)
+    reps = representatives(n, all_edges, priority=priority)
+    reasons = [None if int(reps[i]) == i else reason_of(i, int(reps[i])) for i in range(n)]
+    stats.add("rows_in", n)
+    stats.add("rows_out", int((reps == np.arange(n)).sum()))
+    stats.add("edges", len(all_edges))
+    stats.drop_reasons(reasons)
+    _write_decisions(storage, asset, shards, sizes, ids, reps, reasons, {**info, **stats.as_dict()})
+
+
 def dedup_images(storage: Storage, shards: Sequence[str], *, exact: bool = True, perceptual_max_distance: int | None = 6, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
-    from realsyn.dedup import exact_duplicate_edges, hamming_edges, representatives
+    from realsyn.dedup import exact_duplicate_edges, hamming_edges
 
     stats = StepStats(IMAGE_DEDUP)
     with stats.timed():
-        shards = require_partitions(storage, IMAGE_EMBEDDINGS, shards)
-        tables = [storage.reader(IMAGE_EMBEDDINGS, s).read_parquet("index.parquet") for s in shards]
-        sizes = [t.num_rows for t in tables]
-        ids = [x for t in tables for x in t.column("image_id").to_pylist()]
-        sha = [x for t in tables for x in t.column("sha256").to_pylist()]
-        phash = np.concatenate([t.column("phash").to_numpy() for t in tables]).astype(np.uint64) if tables else np.zeros(0, np.uint64)
-        pixels = np.concatenate([t.column("pixels").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
-        n = len(ids)
-        edges = [np.zeros((0, 2), np.int64)]
+        shards, tables, sizes = _read_index(storage, IMAGE_EMBEDDINGS, shards)
+        ids, sha = _column(tables, "image_id"), _column(tables, "sha256")
+        phash = np.array(_column(tables, "phash"), dtype=np.uint64)
+        pixels = np.array(_column(tables, "pixels"), dtype=np.int64)
+        edges = []
         if exact:
             edges.append(exact_duplicate_edges(sha))
-        if perceptual_max_distance is not None and n:
+        if perceptual_max_distance is not None and ids:
             edges.append(hamming_edges(phash, perceptual_max_distance))
         threshold = _semantic_threshold(storage, IMAGE_EMBEDDINGS, shards, semantic_threshold, semantic_on_random_weights)
-        if threshold is not None and n:
+        if threshold is not None and ids:
             edges.append(_semantic_edges(storage, IMAGE_EMBEDDINGS, shards, threshold, index_factory, stats))
-        all_edges = np.concatenate(edges).astype(np.int64)
+
+        def reason_of(i: int, rep: int) -> str:
+            if sha[i] == sha[rep]:
+                return "exact_duplicate"
+            if perceptual_max_distance is not None and bin(int(phash[i]) ^ int(phash[rep])).count("1") <= perceptual_max_distance:
+                return "perceptual_duplicate"
+            # linked to its representative only through a chain of other duplicates
+            return "near_duplicate" if threshold is None else "semantic_duplicate"
+
         # the largest image of a duplicate group represents it
-        reps = representatives(n, all_edges, priority=pixels)
-        reasons: list[str | None] = []
-        for i in range(n):
-            r = int(reps[i])
-            if r == i:
-                reasons.append(None)
-            elif sha[i] == sha[r]:
-                reasons.append("exact_duplicate")
-            elif perceptual_max_distance is not None and bin(int(phash[i]) ^ int(phash[r])).count("1") <= perceptual_max_distance:
-                reasons.append("perceptual_duplicate")
-            else:
-                reasons.append("near_duplicate" if threshold is None else "semantic_duplicate")
-        stats.add("rows_in", n)
-        stats.add("rows_out", int((reps == np.arange(n)).sum()))
-        stats.drop_reasons(reasons)
-        stats.add("edges", len(all_edges))
-        info = {"semantic_threshold": threshold, "perceptual_max_distance": perceptual_max_distance, "exact": exact, **stats.as_dict()}
-        _write_decisions(storage, IMAGE_DEDUP, shards, sizes, ids, reps, reasons, info)
+        info = {"semantic_threshold": threshold, "perceptual_max_distance": perceptual_max_distance, "exact": exact}
+        _decide(storage, IMAGE_DEDUP, shards, sizes, ids, edges, pixels, reason_of, stats, info)
     return stats
 
 
 def dedup_sentences(storage: Storage, shards: Sequence[str], *, exact: bool = True, normalized: bool = True, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
-    from realsyn.dedup import exact_duplicate_edges, representatives
+    from realsyn.dedup import exact_duplicate_edges
 
     stats = StepStats(SENTENCE_DEDUP)
     with stats.timed():
-        shards = require_partitions(storage, SENTENCE_EMBEDDINGS, shards)
-        tables = [storage.reader(SENTENCE_EMBEDDINGS, s).read_parquet("index.parquet") for s in shards]
-        sizes = [t.num_rows for t in tables]
-        ids = [x for t in tables for x in t.column("sentence_id").to_pylist()]
-        sha = [x for t in tables for x in t.column("text_sha").to_pylist()]
-        norm = [x for t in tables for x in t.column("norm_key").to_pylist()]
-        n = len(ids)
-        edges = [np.zeros((0, 2), np.int64)]
+        shards, tables, sizes = _read_index(storage, SENTENCE_EMBEDDINGS, shards)
+        ids, sha, norm = _column(tables, "sentence_id"), _column(tables, "text_sha"), _column(tables, "norm_key")
+        edges = []
         if exact:
             edges.append(exact_duplicate_edges(sha))
         if normalized:
             edges.append(exact_duplicate_edges(norm))
         threshold = _semantic_threshold(storage, SENTENCE_EMBEDDINGS, shards, semantic_threshold, semantic_on_random_weights)
-        if threshold is not None and n:
+        if threshold is not None and ids:
             edges.append(_semantic_edges(storage, SENTENCE_EMBEDDINGS, shards, threshold, index_factory, stats))
-        all_edges = np.concatenate(edges).astype(np.int64)
-        reps = representatives(n, all_edges)  # first occurrence represents its group
-        reasons: list[str | None] = []
-        for i in range(n):
-            r = int(reps[i])
-            if r == i:
-                reasons.append(None)
-            elif sha[i] == sha[r]:
-                reasons.append("exact_duplicate")
-            elif norm[i] == norm[r]:
-                reasons.append("perceptual_duplicate")
-            else:
-                reasons.append("semantic_duplicate")
-        stats.add("rows_in", n)
-        stats.add("rows_out", int((reps == np.arange(n)).sum()))
-        stats.drop_reasons(reasons)
-        info = {"semantic_threshold": threshold, "exact": exact, "normalized": normalized, **stats.as_dict()}
-        _write_decisions(storage, SENTENCE_DEDUP, shards, sizes, ids, reps, reasons, info)
+
+        def reason_of(i: int, rep: int) -> str:
+            return "exact_duplicate" if sha[i] == sha[rep] else "perceptual_duplicate" if norm[i] == norm[rep] else "semantic_duplicate"
+
+        # the first occurrence represents its group
+        info = {"semantic_threshold": threshold, "exact": exact, "normalized": normalized}
+        _decide(storage, SENTENCE_DEDUP, shards, sizes, ids, edges, None, reason_of, stats, info)
     return stats
 
 

@@ -17,6 +17,19 @@ SENTENCE_EMBEDDINGS = "sentence_embeddings"
 EMBED_CHUNK = 512  # rows per embedder call: bounds memory of decoded images
 
 
+def _write_embeddings(storage: Storage, asset: str, shard: str, emb: np.ndarray, index: pa.Table, embedder) -> None:
+    """Vectors, their aligned index, and which model made them (dedup reads random_weights)."""
+    with storage.writer(asset, shard) as w:
+        w.write_numpy("embeddings.npy", emb.astype(np.float32))
+        w.write_parquet("index.parquet", index)
+        w.write_json("model.json", {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights})
+
+
+def _embed_in_chunks(embed, items: list, chunk: int, dim: int) -> np.ndarray:
+    parts = [embed(list(c)) for c in batched(items, chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
 def embed_images(storage: Storage, shard: str, embedder) -> StepStats:
     """Embeddings (N, D) aligned with index.parquet: image_id, sha256, phash, pixels."""
     from realsyn.dedup import perceptual_hash
@@ -25,16 +38,12 @@ def embed_images(storage: Storage, shard: str, embedder) -> StepStats:
     with stats.timed():
         table = storage.reader(FILTERED_IMAGES, shard).read_parquet("images.parquet", columns=["image_id", "image_bytes", "sha256", "width", "height"])
         blobs = table.column("image_bytes").to_pylist()
-        parts = [embedder.embed_images(list(chunk)) for chunk in batched(blobs, EMBED_CHUNK)]
-        emb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+        emb = _embed_in_chunks(embedder.embed_images, blobs, EMBED_CHUNK, embedder.dim)
         phash = np.array([perceptual_hash(b) for b in blobs], dtype=np.uint64)
         pixels = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(table.column("height").to_numpy(zero_copy_only=False), np.int64)
         index = pa.table({"image_id": table.column("image_id"), "sha256": table.column("sha256"), "phash": pa.array(phash, pa.uint64()), "pixels": pa.array(pixels, pa.int64())})
         stats.add("rows_embedded", len(blobs))
-        with storage.writer(IMAGE_EMBEDDINGS, shard) as w:
-            w.write_numpy("embeddings.npy", emb.astype(np.float32))
-            w.write_parquet("index.parquet", index)
-            w.write_json("model.json", {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights})
+        _write_embeddings(storage, IMAGE_EMBEDDINGS, shard, emb, index, embedder)
     return stats
 
 
@@ -46,8 +55,7 @@ def embed_sentences(storage: Storage, shard: str, embedder) -> StepStats:
     with stats.timed():
         table = storage.reader(FILTERED_SENTENCES, shard).read_parquet("sentences.parquet", columns=["sentence_id", "text"])
         texts = table.column("text").to_pylist()
-        parts = [embedder.embed_texts(list(chunk)) for chunk in batched(texts, EMBED_CHUNK * 4)]
-        emb = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+        emb = _embed_in_chunks(embedder.embed_texts, texts, EMBED_CHUNK * 4, embedder.dim)
         index = pa.table(
             {
                 "sentence_id": table.column("sentence_id"),
@@ -56,8 +64,5 @@ def embed_sentences(storage: Storage, shard: str, embedder) -> StepStats:
             }
         )
         stats.add("rows_embedded", len(texts))
-        with storage.writer(SENTENCE_EMBEDDINGS, shard) as w:
-            w.write_numpy("embeddings.npy", emb.astype(np.float32))
-            w.write_parquet("index.parquet", index)
-            w.write_json("model.json", {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights})
+        _write_embeddings(storage, SENTENCE_EMBEDDINGS, shard, emb, index, embedder)
     return stats
