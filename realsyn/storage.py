@@ -177,7 +177,9 @@ class PartitionWriter(_FileIO):
     def __init__(self, storage: Storage, asset: str, partition: str):
         self.storage, self.fs = storage, storage.fs
         self.asset, self.partition = asset, partition
-        self.generation = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        now = time.time_ns()
+        # sortable by start time down to the nanosecond, unique by the random suffix
+        self.generation = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
         self.dir = storage.partition_dir(asset, partition)
         self.gen_dir = posixpath.join(self.dir, f"g-{self.generation}") if not _is_local(self.fs) else os.path.join(self.dir, f"g-{self.generation}")
         self.files: list[str] = []
@@ -217,9 +219,11 @@ class PartitionWriter(_FileIO):
             os.makedirs(self.gen_dir, exist_ok=True)  # an output with no files still commits
         atomic_write_bytes(self.fs, posixpath.join(self.dir, CURRENT_FILE) if not _is_local(self.fs) else os.path.join(self.dir, CURRENT_FILE), json.dumps(manifest).encode())
         self.committed = True
+        # only older generations go: a concurrent writer of the same partition that started later
+        # is still filling its own (generation ids sort by start time)
         for entry in self.fs.ls(self.dir, detail=False):
             name = posixpath.basename(entry.rstrip("/"))
-            if name.startswith("g-") and name != f"g-{self.generation}":
+            if name.startswith("g-") and name < f"g-{self.generation}":
                 self.fs.rm(entry, recursive=True)
         return self.generation
 

@@ -70,3 +70,17 @@ def test_s3_storage_against_moto():
         storage = Storage("s3://realsyn/prefix")
         assert storage.uri("a") == "s3://realsyn/prefix/a"
         _roundtrip(storage)
+
+
+def test_concurrent_writer_keeps_its_generation(tmp_path):
+    # a writer that started later is still filling its generation when an earlier one commits
+    storage = Storage(str(tmp_path))
+    early, late = storage.writer("a", "s"), storage.writer("a", "s")
+    assert early.generation < late.generation
+    late.write_json("x.json", {"who": "late"})
+    early.write_json("x.json", {"who": "early"})
+    early.commit()
+    late.write_json("y.json", {"more": 1})
+    late.commit()
+    r = storage.reader("a", "s")
+    assert r.read_json("x.json") == {"who": "late"} and r.read_json("y.json") == {"more": 1}
