@@ -9,7 +9,7 @@ import dagster as dg
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.jobs import JOBS_IN_ORDER
 from resources import build_resources
-from sensors import new_shards_sensor, run_failure_alert
+from sensors import new_shards_sensor, realsyn_automation, run_failure_alert
 
 
 def build_definitions(env: str | None = None, *, input_uri: str | None = None, storage_root: str | None = None, resource_overrides: dict | None = None) -> dg.Definitions:
@@ -23,7 +23,7 @@ def build_definitions(env: str | None = None, *, input_uri: str | None = None, s
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
         jobs=JOBS_IN_ORDER,
-        sensors=[new_shards_sensor, run_failure_alert],
+        sensors=[new_shards_sensor, realsyn_automation, run_failure_alert],
         resources=build_resources(env, input_uri=input_uri, storage_root=storage_root, overrides=resource_overrides),
         executor=executor,
     )

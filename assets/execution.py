@@ -1,8 +1,10 @@
-"""Where steps run: Kubernetes pod profiles and concurrency pools, written once.
+"""Where and when steps run: Kubernetes pod profiles, concurrency pools and automation, written once.
 
 ``dagster-k8s/config`` tags only take effect under ``k8s_job_executor`` (production); locally they
 are inert. ``pool="gpu"`` caps GPU steps across runs (set the pool limit on the instance).
 """
+
+import os
 
 import dagster as dg
 
@@ -42,3 +44,9 @@ GLOBAL_STEP_TAGS = {
 
 # One pod loads a model once for many shards during a backfill.
 GPU_BACKFILL = dg.BackfillPolicy.single_run()
+
+# After new shards were prepared, the global steps and the per-shard captioning rebuild once a
+# night: on_cron waits for the cron tick, then for every dependency to be updated since it. Not
+# eager: a re-enabled automation sensor must never flood the GPU pool.
+REBUILD_CRON = os.environ.get("REALSYN_REBUILD_CRON", "0 2 * * *")
+NIGHTLY_REBUILD = dg.AutomationCondition.on_cron(REBUILD_CRON)

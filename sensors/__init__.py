@@ -26,6 +26,16 @@ def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSo
     )
 
 
+# evaluates the assets' automation conditions (the nightly rebuild); started from the UI when wanted
+realsyn_automation = dg.AutomationConditionSensorDefinition(
+    "realsyn_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=300,
+    description="Runs the nightly rebuild of global steps and captioning once new shards are prepared.",
+)
+
+
 @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, description="Logs every failed run with its failing steps; posts to REALSYN_ALERT_WEBHOOK when set.")
 def run_failure_alert(context: dg.RunFailureSensorContext) -> None:
     steps = [e.step_key for e in context.get_step_failure_events()]
