@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_metaclip_commands(sub)
     except ImportError as e:  # pragma: no cover - the module ships with the package
         print(f"warning: metaclip commands unavailable: {e}", file=sys.stderr)
+    from realsyn.curation.text_cli import add_text_commands
+
+    add_text_commands(sub)
     return parser
 
 

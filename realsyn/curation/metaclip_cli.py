@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import posixpath
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -31,65 +26,14 @@ from realsyn.curation.metaclip import (
     load_metadata,
     plot_cumulative,
 )
+from realsyn.curation.textio import atomic_local_file, iter_text_batches
+from realsyn.curation.textio import check_format as _check_format
+from realsyn.curation.textio import is_parquet as _is_parquet
+from realsyn.curation.textio import sibling_path as _sibling
 from realsyn.stats import StepStats
 from realsyn.storage import filesystem_for
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
-
-
-def _is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-def _is_parquet(uri: str) -> bool:
-    return uri.lower().endswith(".parquet")
-
-
-def _check_format(uri: str) -> None:
-    if not (_is_parquet(uri) or uri.lower().endswith(JSONL_SUFFIXES)):
-        raise ValueError(f"{uri}: expected a .parquet or .jsonl file")
-
-
 # ---------------------------------------------------------------------------- reading
-
-
-def iter_text_batches(uri: str, text_column: str, batch_size: int, stats: StepStats) -> Iterator[list[Any]]:
-    """Texts of one column in row order, in batches. Parquet via iter_batches; JSONL line by line
-    (blank lines are not rows; a bad line or a missing field is a row with no text, counted)."""
-    _check_format(uri)
-    fs, path = filesystem_for(uri)
-    if _is_parquet(uri):
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if text_column not in pf.schema_arrow.names:
-                raise ValueError(f"{uri}: no column {text_column!r}; columns: {pf.schema_arrow.names}")
-            for batch in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
-                yield batch.column(0).to_pylist()
-        return
-    batch: list[Any] = []
-    with fs.open(path, "rb", compression="infer") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                stats.drop("bad_json")
-                record = None
-            if isinstance(record, dict):
-                if text_column not in record:
-                    stats.drop("missing_text_field")
-                batch.append(record.get(text_column))
-            else:
-                if record is not None:
-                    stats.drop("not_an_object")
-                batch.append(None)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
 
 
 def iter_match_batches(uri: str, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
@@ -127,27 +71,6 @@ def iter_match_batches(uri: str, batch_size: int = 65536) -> Iterator[tuple[np.n
 # ---------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def atomic_local_file(uri: str) -> Iterator[str]:
-    """A local temporary path that becomes ``uri`` only if the block succeeds (rename, or one upload)."""
-    fs, path = filesystem_for(uri)
-    if _is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    else:
-        fd, tmp = tempfile.mkstemp(suffix=posixpath.basename(path))
-        os.close(fd)
-    try:
-        yield tmp
-        if _is_local(fs):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class MatchesWriter:
     """Rows of (row, entry_ids) as JSONL lines or a Parquet file (row int64, entry_ids list<int32>)."""
 
@@ -173,16 +96,6 @@ class MatchesWriter:
             self._writer.close()
         else:
             self._file.close()
-
-
-def _sibling(uri: str, suffix: str) -> str:
-    """``out.jsonl`` -> ``out.<suffix>`` beside it."""
-    base = uri
-    for ext in (".parquet", *JSONL_SUFFIXES):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
-    return f"{base}.{suffix}"
 
 
 # ---------------------------------------------------------------------------- commands
