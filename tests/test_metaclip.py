@@ -424,3 +424,20 @@ def test_sampler_head_balancing_is_hash_based_and_batch_independent(tmp_path):
     assert 200 <= int(whole[: n - 10].sum()) <= 400  # Binomial(2990, 300/2990)
     other_epoch = MetaClipSampler(str(meta), t=300, seed=5, text_columns=("real_texts",), epoch=1)
     assert not np.array_equal(other_epoch.select(table, state), whole)
+
+
+def test_realsyn_cli_writes_gzipped_matches_and_exits_2_on_bad_input(tmp_path, capsys):
+    import gzip as _gzip
+
+    from realsyn.cli import main as realsyn_main
+
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(["dog", "red car"]))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"t": "a dog and a red car"}\n{"t": "nothing"}\n')
+    out = tmp_path / "m.jsonl.gz"
+    assert realsyn_main(["metaclip", "match", "--metadata", str(meta), "--input", str(src), "--text-column", "t", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in _gzip.open(out, "rt")]
+    assert rows == [{"row": 0, "entry_ids": [0, 1]}, {"row": 1, "entry_ids": []}]
+    assert realsyn_main(["metaclip", "match", "--metadata", str(tmp_path / "missing.json"), "--input", str(src), "--text-column", "t", "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "realsyn metaclip: error:" in capsys.readouterr().err

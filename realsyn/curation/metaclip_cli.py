@@ -7,6 +7,7 @@ Inputs and outputs are local paths or URLs (s3://...); outputs are written whole
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import time
@@ -76,9 +77,12 @@ class MatchesWriter:
 
     SCHEMA = pa.schema([("row", pa.int64()), ("entry_ids", pa.list_(pa.int32()))])
 
-    def __init__(self, local_path: str, parquet: bool):
+    def __init__(self, local_path: str, parquet: bool, gzipped: bool = False):
         self.parquet = parquet
-        self._file = None if parquet else open(local_path, "w", encoding="utf-8")
+        if parquet:
+            self._file = None
+        else:
+            self._file = gzip.open(local_path, "wt", encoding="utf-8") if gzipped else open(local_path, "w", encoding="utf-8")
         self._writer = pq.ParquetWriter(local_path, self.SCHEMA) if parquet else None
 
     def write(self, rows: np.ndarray, offsets: np.ndarray, entry_ids: np.ndarray) -> None:
@@ -112,7 +116,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         built = time.perf_counter() - start
         row = 0
         with atomic_local_file(args.output) as tmp:
-            writer = MatchesWriter(tmp, _is_parquet(args.output))
+            writer = MatchesWriter(tmp, _is_parquet(args.output), gzipped=args.output.endswith(".gz"))
             try:
                 for texts in iter_text_batches(args.input, args.text_column, args.batch_size, stats):
                     offsets, ids = matcher.match_batch_csr(texts)
@@ -148,7 +152,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
         balancer = StreamingBalancer(counts, args.t, args.seed, args.epoch)
         counts_after = np.zeros_like(counts)
         with atomic_local_file(args.output) as tmp:
-            writer = MatchesWriter(tmp, _is_parquet(args.output))
+            writer = MatchesWriter(tmp, _is_parquet(args.output), gzipped=args.output.endswith(".gz"))
             try:
                 for rows, lists in iter_match_batches(args.matches):  # pass 2: draws in row order
                     offsets, flat = lists_to_csr(lists)
