@@ -29,8 +29,7 @@ def sampled_splits_respect_caps(storage: StorageResource) -> dg.AssetCheckResult
         caps = [s["cap"] for s in info["samplers"] if s["name"] == "cluster_cap"]
         if not caps:
             continue
-        # the split's per-shard selections, not its sampler reports
-        names = [f for f in reader.files if f.startswith(f"{split}/") and f.endswith(".parquet") and f.count("/") == 1 and not f.split("/")[1].startswith("report-")]
+        names = [f"{split}/{shard}.parquet" for shard in reader.info["shards"]]
         clusters = np.concatenate([reader.read_parquet(f).column("cluster").to_numpy() for f in names]) if names else np.zeros(0, np.int32)
         largest = int(np.bincount(clusters).max()) if len(clusters) else 0
         worst[split] = largest

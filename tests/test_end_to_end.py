@@ -162,6 +162,11 @@ def test_whole_graph_locally_and_rerun_is_idempotent(tmp_path, monkeypatch):
     # every asset materialized in the Dagster instance with metadata
     mat = instance.fetch_materializations(dg.AssetKey("filtered_images"), limit=10).records
     assert len(mat) == len(shards) and mat[0].asset_materialization.metadata["dagster/row_count"].value > 0
+    # the asset checks of the last run passed
+    for check in ("sentence_clusters_are_usable", "sampled_splits_respect_caps", "exported_splits_match_sizes"):
+        asset = {"sentence_clusters_are_usable": "sentence_clusters", "sampled_splits_respect_caps": "sampled_splits", "exported_splits_match_sizes": "exported_splits"}[check]
+        records = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1)
+        assert records and records[0].status.value == "SUCCEEDED", check
     first = {s: storage.reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist() for s in shards}
 
     # a rerun replaces every partition cleanly and regenerates no caption (cache by image and prompt)

@@ -172,6 +172,7 @@ def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[Spli
             all_stats[split.name] = stats
             summary[split.name] = {"samplers": [{"name": sp.name, **sp.params} for sp in split.samplers], **stats.as_dict()}
         w.write_json("summary.json", summary)
+        w.commit(info={"shards": list(shards)})  # readers find each split's per-shard selections by name
     return all_stats
 
 
