@@ -1,25 +1,25 @@
-"""Dagster assets of the RealSyn graph: thin wiring around realsyn.stages."""
+"""Dagster assets of the RealSyn graph: thin wiring around realsyn.stages, one module per stage."""
 
-from assets import captioning, checks, dedup, embeddings, ingest, sampling
+from assets import caption, checks, cluster, dedup, embed, export, filter, ingest, retrieve, sample
 
 ALL_ASSETS = [
     ingest.source_documents,
     ingest.document_databases,
-    ingest.filtered_images,
-    ingest.sentence_candidates,
-    ingest.sentence_perplexity,
-    ingest.filtered_sentences,
-    embeddings.image_embeddings,
-    embeddings.sentence_embeddings,
+    filter.filtered_images,
+    filter.sentence_candidates,
+    filter.sentence_perplexity,
+    filter.filtered_sentences,
+    embed.image_embeddings,
+    embed.sentence_embeddings,
     dedup.image_dedup,
     dedup.sentence_dedup,
-    dedup.sentence_clusters,
-    captioning.retrievals,
-    captioning.synthetic_captions,
-    captioning.filtered_pairs,
-    sampling.image_clusters,
-    sampling.sampled_splits,
-    sampling.exported_splits,
+    cluster.sentence_clusters,
+    cluster.image_clusters,
+    retrieve.retrievals,
+    caption.synthetic_captions,
+    caption.filtered_pairs,
+    sample.sampled_splits,
+    export.exported_splits,
 ]
 
 ALL_CHECKS = [checks.sentence_clusters_are_usable, checks.sampled_splits_respect_caps, checks.exported_splits_match_sizes]

@@ -3,46 +3,45 @@
 import dagster as dg
 import numpy as np
 
-from realsyn.stages import retrieve as retrieve_stage
-from realsyn.stages import sample as sample_stage
+from realsyn import layout
 from resources import StorageResource
 
-@dg.asset_check(asset="sentence_clusters", blocking=True, description="Centroids are finite and unit-norm and the bank holds every clustered sentence; blocks retrieval and GPU generation otherwise.")
+@dg.asset_check(asset=layout.SENTENCE_CLUSTERS, blocking=True, description="Centroids are finite and unit-norm and the bank holds every clustered sentence; blocks retrieval and GPU generation otherwise.")
 def sentence_clusters_are_usable(storage: StorageResource) -> dg.AssetCheckResult:
-    reader = storage.get().reader(retrieve_stage.SENTENCE_CLUSTERS)
-    centroids = np.asarray(reader.read_numpy("centroids.npy"))
-    layout = reader.read_parquet("clusters.parquet")
-    summary = reader.read_json("summary.json")
-    bank_rows = int(np.sum(layout.column("end").to_numpy() - layout.column("start").to_numpy()))
+    reader = storage.get().reader(layout.SENTENCE_CLUSTERS)
+    centroids = np.asarray(reader.read_numpy(layout.CENTROIDS_FILE))
+    bank_layout = reader.read_parquet(layout.CLUSTER_LAYOUT_FILE)
+    summary = reader.read_json(layout.SUMMARY_FILE)
+    bank_rows = int(np.sum(bank_layout.column("end").to_numpy() - bank_layout.column("start").to_numpy()))
     norms = np.linalg.norm(centroids, axis=1) if len(centroids) else np.zeros(0)
     ok = bool(len(centroids) > 0 and np.isfinite(centroids).all() and np.allclose(norms, 1.0, atol=1e-3) and bank_rows == summary["sentences"])
     return dg.AssetCheckResult(passed=ok, metadata={"clusters": len(centroids), "bank_rows": bank_rows, "sentences": summary["sentences"]})
 
-@dg.asset_check(asset="sampled_splits", description="In every cluster_cap split, no image cluster holds more samples than its cap.")
+@dg.asset_check(asset=layout.SAMPLED_SPLITS, description="In every cluster_cap split, no image cluster holds more samples than its cap.")
 def sampled_splits_respect_caps(storage: StorageResource) -> dg.AssetCheckResult:
     st = storage.get()
-    reader = st.reader(sample_stage.SAMPLED_SPLITS)
-    summary = reader.read_json("summary.json")
+    reader = st.reader(layout.SAMPLED_SPLITS)
+    summary = reader.read_json(layout.SUMMARY_FILE)
     worst: dict[str, int] = {}
     passed = True
     for split, info in summary.items():
-        caps = [s["cap"] for s in info["samplers"] if s["name"] == "cluster_cap"]
+        caps = [s["params"]["cap"] for s in info["samplers"] if s["name"] == "cluster_cap"]
         if not caps:
             continue
-        names = [f"{split}/{shard}.parquet" for shard in reader.info["shards"]]
+        names = [layout.split_selection_file(split, shard) for shard in reader.info["shards"]]
         clusters = np.concatenate([reader.read_parquet(f).column("cluster").to_numpy() for f in names]) if names else np.zeros(0, np.int32)
         largest = int(np.bincount(clusters).max()) if len(clusters) else 0
         worst[split] = largest
         passed &= largest <= min(caps)
     return dg.AssetCheckResult(passed=passed, metadata={f"{k}/largest_cluster": v for k, v in worst.items()})
 
-@dg.asset_check(asset="exported_splits", description="Every tar shard exists and sizes.json adds up to the split's sample count.")
+@dg.asset_check(asset=layout.EXPORTED_SPLITS, description="Every tar shard exists and sizes.json adds up to the split's sample count.")
 def exported_splits_match_sizes(storage: StorageResource) -> dg.AssetCheckResult:
-    reader = storage.get().reader(sample_stage.EXPORTED_SPLITS)
-    summary = reader.read_json("summary.json")
+    reader = storage.get().reader(layout.EXPORTED_SPLITS)
+    summary = reader.read_json(layout.SUMMARY_FILE)
     passed, meta = True, {}
     for split, info in summary.items():
-        sizes = reader.read_json(f"{split}/sizes.json")
+        sizes = reader.read_json(f"{split}/{layout.SIZES_FILE}")
         missing = [name for name in sizes if not reader.fs.exists(reader.path(f"{split}/{name}"))]
         passed &= not missing and sum(sizes.values()) == info.get("rows_out", 0)
         meta[f"{split}/samples"] = sum(sizes.values())

@@ -1,24 +1,75 @@
-"""Typed run config of each asset. Defaults are the paper's; each field says what it does."""
+"""Typed run config of each asset. Defaults are the paper's; each field says what it does.
 
-from typing import Optional
+A plug-in is configured as ``{name, params}`` everywhere (``PluginConfig``): ``name`` is a registered
+short name or a dotted path ``package.module:Class`` to a user's own class, ``params`` are checked
+against that class's typed ``__init__`` when the config is built, and an error names the plug-in and
+the field.
+"""
+
+from typing import Any, ClassVar, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
+
+
+class PluginConfig(dg.Config):
+    """One plug-in: its name (short or ``package.module:Class``) and its parameters."""
+
+    kind: ClassVar[str] = ""
+    name: str = Field(description="Registered short name or dotted path package.module:Class.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the plug-in's __init__, validated against its types.")
+
+    @model_validator(mode="after")
+    def _validate_params(self):
+        from realsyn.plugins import validate_params
+
+        validate_params(self.kind, self.name, self.params)  # raises PluginConfigError naming plug-in and field
+        return self
+
+    def spec(self):
+        from realsyn.plugins import PluginSpec
+
+        return PluginSpec(name=self.name, params=dict(self.params))
+
+
+class InputReaderConfig(PluginConfig):
+    kind: ClassVar[str] = "input_reader"
+    name: str = Field(default="obelics", description="obelics (parallel images/texts lists), mmc4 (text_list + image_info) or package.module:Class.")
+
+
+class ImageFilterPlugin(PluginConfig):
+    kind: ClassVar[str] = "image_filter"
+
+
+class SentenceFilterPlugin(PluginConfig):
+    kind: ClassVar[str] = "sentence_filter"
+
+
+class TaggerPlugin(PluginConfig):
+    kind: ClassVar[str] = "tagger"
+
+
+class SamplerPlugin(PluginConfig):
+    kind: ClassVar[str] = "sampler"
+
 
 class IngestConfig(dg.Config):
     fetch_timeout_s: float = Field(default=10.0, description="Per-image download timeout (URL image slots).")
     max_image_bytes: int = Field(default=20_000_000, description="Larger downloads are dropped as fetch_failed.")
 
 class ImageFilterConfig(dg.Config):
-    min_short_side: int = Field(default=100, description="Drop images whose short side is under this many pixels.")
-    max_aspect_ratio: float = Field(default=3.0, description="Drop images with aspect ratio above this or below its inverse.")
+    filters: list[ImageFilterPlugin] = Field(
+        default_factory=lambda: [ImageFilterPlugin(name="rules")],
+        description="Image filters in order, each {name, params}; rules: unfetchable, undecodable, min_short_side (100), max_aspect_ratio (3.0).",
+    )
+
 
 class SentenceFilterConfig(dg.Config):
-    filters: list[str] = Field(default=["rules", "cat"], description="Sentence filters in order: rules (emoji, URL, word count), cat (complexity + action).")
-    min_words: int = Field(default=3, description="rules: fewer words is dropped.")
-    max_words: int = Field(default=81, description="rules: more words is dropped.")
-    cat_min_complexity: int = Field(default=1, description="cat: minimum CAT complexity (C1: an object tied to an attribute or relation).")
-    cat_require_action: bool = Field(default=True, description="cat: require an action (a verb).")
+    filters: list[SentenceFilterPlugin] = Field(
+        default_factory=lambda: [SentenceFilterPlugin(name="rules"), SentenceFilterPlugin(name="cat")],
+        description="Sentence filters in order, each {name, params}: rules (emoji, URL, min_words 3, max_words 81), cat (min_complexity 1, require_action true).",
+    )
+
 
 class PerplexityBandConfig(dg.Config):
     low: Optional[float] = Field(default=None, description="Keep perplexity >= low; null = the scorer's default band (paper: 30 for its model).")
@@ -55,8 +106,11 @@ class GenerationConfig(dg.Config):
     max_new_tokens: int = Field(default=64, description="Tokens generated per caption.")
     temperature: float = Field(default=0.0, description="0 = greedy.")
     batch_size: int = Field(default=8, description="Prompts per generation batch.")
-    use_tags: bool = Field(default=True, description="Add open-set tags from the CLIP vocabulary tagger to the prompt.")
-    tag_top_k: int = Field(default=5, description="Tags per image.")
+    tagger: Optional[TaggerPlugin] = Field(
+        default_factory=lambda: TaggerPlugin(name="clip_vocabulary", params={"top_k": 5}),
+        description="Open-set tagger {name, params} whose tags join the prompt (clip_vocabulary: top_k tags from the CLIP vocabulary); null = no tags.",
+    )
+
 
 class SimilarityBandConfig(dg.Config):
     low: Optional[float] = Field(default=None, description="Drop pairs below; null = the model's default (EVA02-CLIP E/14-plus: 0.51).")
@@ -69,37 +123,17 @@ class ImageClustersConfig(dg.Config):
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
 
-_SAMPLER_PARAMS = {
-    "cluster_cap": ("cap", "seed"),
-    "metaclip": ("metadata_path", "t", "seed", "text_columns"),
-    "points_perplexity": ("keep_fraction",),
-}
-
-class SamplerConfig(dg.Config):
-    name: str = Field(default="cluster_cap", description="cluster_cap (RealSyn), metaclip (MetaCLIP balancing) or points_perplexity (POINTS).")
-    cap: Optional[int] = Field(default=None, description="cluster_cap: samples kept per image cluster (paper: 20 / 35 / 180).")
-    seed: int = Field(default=0, description="Sampling seed.")
-    t: Optional[int] = Field(default=None, description="metaclip: balancing threshold per entry (20k for a 400M pool).")
-    metadata_path: Optional[str] = Field(default=None, description="metaclip: JSON list of metadata entries.")
-    text_columns: Optional[list[str]] = Field(default=None, description="metaclip: which texts are matched (real_texts, synthetic_caption).")
-    keep_fraction: Optional[float] = Field(default=None, description="points_perplexity: lowest-perplexity fraction kept (paper: 0.2).")
-
-    def to_spec(self):
-        from realsyn.stages.sample import SamplerSpec
-
-        if self.name not in _SAMPLER_PARAMS:
-            raise ValueError(f"unknown sampler {self.name!r}; known: {sorted(_SAMPLER_PARAMS)}")
-        params = {k: getattr(self, k) for k in _SAMPLER_PARAMS[self.name] if getattr(self, k) is not None}
-        if "text_columns" in params:
-            params["text_columns"] = tuple(params["text_columns"])
-        return SamplerSpec(self.name, params)
-
 class SplitConfig(dg.Config):
     name: str = Field(description="Split name (a folder of the export).")
-    samplers: list[SamplerConfig] = Field(description="Samplers applied in order, each fitted on what the previous kept.")
+    samplers: list[SamplerPlugin] = Field(description="Samplers applied in order, each {name, params} and fitted on what the previous kept: cluster_cap (cap, seed), metaclip (metadata_path, t, seed, text_columns), points_perplexity (keep_fraction) or package.module:Class.")
+
+    def spec(self):
+        from realsyn.stages.sample import SplitSpec
+
+        return SplitSpec(self.name, [s.spec() for s in self.samplers])
 
 def _paper_splits() -> list[SplitConfig]:
-    return [SplitConfig(name=f"cap{c}", samplers=[SamplerConfig(name="cluster_cap", cap=c)]) for c in (20, 35, 180)]
+    return [SplitConfig(name=f"cap{c}", samplers=[SamplerPlugin(name="cluster_cap", params={"cap": c})]) for c in (20, 35, 180)]
 
 class SampledSplitsConfig(dg.Config):
     splits: list[SplitConfig] = Field(default_factory=_paper_splits, description="One split per entry (paper: cluster caps 20 / 35 / 180 for 15M / 30M / 100M).")

@@ -21,7 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from realsyn.clustering import ReservoirSample, assign, cluster_order, l2_normalize, train_kmeans  # noqa: E402
+from realsyn.clustering import ReservoirSample, assign, cluster_order, train_kmeans  # noqa: E402
+from realsyn.runtime import l2_normalize  # noqa: E402
 from realsyn.retrieval import exact_search, hierarchical_search  # noqa: E402
 
 

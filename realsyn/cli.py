@@ -1,89 +1,73 @@
-"""`realsyn` command line: run the graph, the demo, the sample corpus, and the text-only curation tools."""
+"""`realsyn` command line, core part: the sample corpus and the text-only curation tools.
+
+The graph commands (``realsyn run``, ``realsyn demo``) need Dagster and live in ``assets.cli``,
+which builds on ``build_parser`` here; the installed ``realsyn`` command is ``assets.cli:main``.
+
+One error policy for every subcommand (``run_cli``): bad input (a missing file, a bad value or
+config, an unknown plug-in) prints one line ``realsyn <command>: error: <message>`` to stderr and
+exits 2; a command that ran and failed (a graph run with failed steps) exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from importlib import resources as importlib_resources
+from collections.abc import Callable, Sequence
+from typing import Any
+
+CommandAdder = Callable[[Any], None]
 
 
-def _sample_run_config() -> str:
-    return str(importlib_resources.files("realsyn") / "data" / "sample_run.yaml")
+class CommandInputError(ValueError):
+    """Bad input that a command reports in its own words (wrapping an error that is not a ValueError)."""
 
 
-def _ensure_dagster_home(home: str) -> str:
-    home = os.path.abspath(home)
-    os.makedirs(home, exist_ok=True)
-    cfg = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(cfg):
-        with open(cfg, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
-    os.environ["DAGSTER_HOME"] = home
-    return home
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """What a subcommand raises for bad input: ValueError (``PluginConfigError`` included), OSError
+    (a missing or unreadable file) and pyarrow's errors (a file that is not what it claims to be)."""
+    import pyarrow as pa
+
+    return (ValueError, OSError, pa.ArrowException)
 
 
-def _run(input_uri: str, storage_root: str, config: str | None, env: str | None) -> int:
-    from assets.runner import run_graph
+def _leaf_commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (those without subcommands of their own), at any depth."""
+    subparser_actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparser_actions:
+        return [parser]
+    leaves: list[argparse.ArgumentParser] = []
+    for action in subparser_actions:
+        for sub in dict.fromkeys(action.choices.values()):  # aliases share one parser
+            leaves.extend(_leaf_commands(sub))
+    return leaves
 
-    started = time.perf_counter()
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand (its ``func`` default) under the one error policy.
+
+    Bad input is one stderr line named after the subcommand (its ``prog``, e.g. ``realsyn text
+    filter``) and exit 2; otherwise the command's own exit code. argparse's usage errors exit 2 too.
+    """
+    for leaf in _leaf_commands(parser):
+        leaf.set_defaults(command_prog=leaf.prog)
+    args = parser.parse_args(argv)
     try:
-        report = run_graph(input_uri, storage_root, config_path=config, env=env)
-    except Exception as e:  # a bad input location or config: one clear line, exit 2
-        print(f"realsyn run: {type(e).__name__}: {e}", file=sys.stderr)
+        return int(args.func(args) or 0)
+    except bad_input_errors() as e:
+        print(f"{args.command_prog}: error: {e}", file=sys.stderr)
         return 2
-    elapsed = time.perf_counter() - started
-    if not report.success:
-        for failure in report.failures:
-            print(f"FAILED: {failure}", file=sys.stderr)
-        print(f"realsyn run: {len(report.failures)} failure(s) after {report.runs} runs, {elapsed:.0f}s", file=sys.stderr)
-        return 1
-    print(f"realsyn run: every asset materialized for {len(report.shards)} shards in {report.runs} runs, {elapsed:.0f}s")
-    return 0
 
 
-def _print_summary(storage_root: str, shards: list[str]) -> dict:
-    from realsyn.stages.summary import stage_counts
-    from realsyn.storage import Storage
-
-    counts = stage_counts(Storage(storage_root), shards)
-    print("\nSummary")
-    for key, value in counts.items():
-        if key == "splits":
-            for split, n in value.items():
-                print(f"  pairs in split {split:<20} {n}")
-        else:
-            print(f"  {key:<28} {value}")
-    return counts
+def positive_int(value: str) -> int:
+    """argparse type: an int above 0."""
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return n
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    if args.dagster_home or os.environ.get("DAGSTER_HOME"):
-        _ensure_dagster_home(args.dagster_home or os.environ["DAGSTER_HOME"])
-    return _run(args.input, args.storage, args.config, args.env)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from realsyn.sample_corpus import build_sample_corpus
-
-    out = os.path.abspath(args.out)
-    home = _ensure_dagster_home(args.dagster_home)
-    corpus, storage = os.path.join(out, "corpus"), os.path.join(out, "storage")
-    started = time.perf_counter()
-    planted = build_sample_corpus(corpus)
-    print(f"sample corpus: {corpus}\n  {json.dumps(planted, sort_keys=True)}")
-    print(f"Dagster instance: {home} (make ui shows these runs)")
-    code = _run(corpus, storage, args.config or _sample_run_config(), "local")
-    if code == 0:
-        from realsyn.documents import list_input_shards, shard_key
-
-        shards = sorted(shard_key(u, corpus) for u in list_input_shards(corpus))
-        counts = _print_summary(storage, shards)
-        print(f"\nExported dataset: {counts.get('export_location')}")
-        print(f"demo wall time: {time.perf_counter() - started:.0f}s")
-    return code
+# ---------------------------------------------------------------------------- core commands
 
 
 def cmd_sample_corpus(args: argparse.Namespace) -> int:
@@ -93,24 +77,8 @@ def cmd_sample_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="realsyn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="materialize the whole graph for every shard under --input")
-    run.add_argument("--input", required=True, help="folder or s3://bucket/prefix of OBELICS-layout shards (*.parquet, *.jsonl)")
-    run.add_argument("--storage", required=True, help="storage root: folder or s3://bucket/prefix (AWS_ENDPOINT_URL for MinIO/moto)")
-    run.add_argument("--config", help="YAML with 'assets:' (step -> config) and 'resources:' (resource -> fields)")
-    run.add_argument("--env", choices=["local", "production"], help="resource set (default: REALSYN_ENV or local)")
-    run.add_argument("--dagster-home", help="persistent Dagster instance folder (default: DAGSTER_HOME, else a temporary instance)")
-    run.set_defaults(func=cmd_run)
-
-    demo = sub.add_parser("demo", help="build the bundled sample corpus and run the whole graph on it")
-    demo.add_argument("--out", default="demo_output", help="folder for the corpus and the storage root")
-    demo.add_argument("--dagster-home", default=".dagster_home", help="persistent Dagster instance (shown by `make ui`)")
-    demo.add_argument("--config", help="run config YAML (default: the sample corpus's own)")
-    demo.set_defaults(func=cmd_demo)
-
+def add_core_commands(sub: Any) -> None:
+    """``sample-corpus``, ``metaclip match|balance`` and ``text perplexity|filter|points``."""
     corpus = sub.add_parser("sample-corpus", help="write the bundled sample corpus")
     corpus.add_argument("out")
     corpus.set_defaults(func=cmd_sample_corpus)
@@ -124,16 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     from realsyn.curation.text_cli import add_text_commands
 
     add_text_commands(sub)
+
+
+def build_parser(*command_adders: CommandAdder) -> argparse.ArgumentParser:
+    """The ``realsyn`` parser: the commands of each adder (called with the subparsers, in order), then the core ones."""
+    parser = argparse.ArgumentParser(prog="realsyn", description=__doc__.split("\n\n", 1)[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in command_adders:
+        add(sub)
+    add_core_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input to any subcommand: one line, exit 2
-        print(f"realsyn {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """The core commands only (no Dagster): ``python -m realsyn.cli``."""
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

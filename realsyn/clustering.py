@@ -10,9 +10,9 @@ import logging
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from realsyn.runtime import faiss_use_gpu, l2_normalize
 
-GPU_CHOICES = ("auto", "always", "never")
+logger = logging.getLogger(__name__)
 
 
 class ReservoirSample:
@@ -74,31 +74,6 @@ def _faiss():
     return faiss
 
 
-def faiss_gpu_count() -> int:
-    """GPUs faiss can use (0 with faiss-cpu)."""
-    faiss = _faiss()
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
-
-
-def _use_gpu(use_gpu: str) -> bool:
-    if use_gpu not in GPU_CHOICES:
-        raise ValueError(f"use_gpu must be one of {GPU_CHOICES}, got {use_gpu!r}")
-    if use_gpu == "never":
-        return False
-    gpus = faiss_gpu_count()
-    if use_gpu == "always" and gpus == 0:
-        raise RuntimeError("use_gpu='always' but faiss sees no GPU (is faiss-gpu installed?)")
-    return gpus > 0
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def train_kmeans(
     sample: np.ndarray,
     k: int,
@@ -125,7 +100,7 @@ def train_kmeans(
         logger.warning("train_kmeans: only %d training points for k=%d; training %d centroids", n, k, k_eff)
     if spherical:
         sample = l2_normalize(sample)
-    gpu = _use_gpu(use_gpu)
+    gpu = faiss_use_gpu(use_gpu)
     faiss = _faiss()
     km = faiss.Kmeans(
         dim,

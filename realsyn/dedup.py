@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from realsyn.runtime import faiss_use_gpu
 from realsyn.stats import StepStats
 
 logger = logging.getLogger("realsyn")
@@ -264,10 +265,6 @@ def hamming_edges(hashes: np.ndarray, max_distance: int = 6) -> np.ndarray:
 # -- semantic (embedding) near-duplicates --------------------------------------------------------
 
 
-def _faiss_has_gpu(faiss) -> bool:
-    return hasattr(faiss, "index_cpu_to_all_gpus") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
 class SemanticIndex:
     """Inner-product faiss index over L2-normalised vectors; edges = pairs with cosine >= threshold.
 
@@ -293,16 +290,12 @@ class SemanticIndex:
     ) -> None:
         import faiss
 
-        if use_gpu not in ("auto", "always", "never"):
-            raise ValueError("use_gpu must be 'auto', 'always' or 'never'")
         if search not in ("auto", "range", "knn"):
             raise ValueError("search must be 'auto', 'range' or 'knn'")
+        gpu = faiss_use_gpu(use_gpu)
         self.dim, self.threshold, self.k_neighbors, self.nprobe = int(dim), float(threshold), int(k_neighbors), int(nprobe)
         self.saturated_queries = 0
         index = faiss.index_factory(self.dim, index_factory, faiss.METRIC_INNER_PRODUCT)
-        gpu = use_gpu != "never" and _faiss_has_gpu(faiss)
-        if use_gpu == "always" and not gpu:
-            raise RuntimeError("use_gpu='always' but faiss has no GPU support or sees no GPU")
         if gpu:
             index = faiss.index_cpu_to_all_gpus(index)
         self.on_gpu = gpu

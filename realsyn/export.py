@@ -16,9 +16,10 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
-import numpy as np
 import pyarrow as pa
 
+from realsyn.image_db import UndecodableImageError
+from realsyn.io import json_default
 from realsyn.stats import StepStats
 
 # image_format (as image_db records it) -> tar member extension open_clip reads.
@@ -42,10 +43,6 @@ PARQUET_SCHEMA = pa.schema(
         ("synthetic_texts", pa.list_(pa.string())),
     ]
 )
-
-
-class UndecodableImageError(ValueError):
-    """Image bytes that Pillow cannot decode."""
 
 
 def safe_key(image_id: str) -> str:
@@ -131,14 +128,6 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def _prepared(samples: Iterable[dict[str, Any]], stats: StepStats) -> Iterator[tuple[dict[str, Any], bytes, str]]:
     """(sample, image bytes, extension) for every exportable sample; the rest are counted and skipped."""
     for sample in samples:
@@ -208,7 +197,7 @@ def write_webdataset(
                 tar = tarfile.open(fileobj=file, mode="w|", format=tarfile.PAX_FORMAT)
                 sizes[name] = 0
             key = sample["key"]
-            meta = json.dumps(sample.get("json") or {}, sort_keys=True, ensure_ascii=False, default=_json_default)
+            meta = json.dumps(sample.get("json") or {}, sort_keys=True, ensure_ascii=False, default=json_default)
             members = {f"{key}.{ext}": data, f"{key}.json": meta.encode("utf-8"), f"{key}.txt": sample["txt"].encode("utf-8")}
             for member in sorted(members):
                 _add_member(tar, member, members[member])

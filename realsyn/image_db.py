@@ -24,9 +24,9 @@ import requests
 import urllib3
 from PIL import Image
 
-from realsyn.documents import Document
+from realsyn.io import batched, filesystem_for
+from realsyn.readers import Document
 from realsyn.stats import StepStats
-from realsyn.storage import filesystem_for
 
 IMAGE_DB_SCHEMA = pa.schema(
     [
@@ -74,8 +74,9 @@ class FetchError(Exception):
         self.detail = detail
 
 
-class UndecodableImageError(Exception):
-    """Bytes that PIL cannot decode into an image (garbage, truncated, decompression bomb)."""
+class UndecodableImageError(ValueError):
+    """Image bytes that Pillow cannot decode (garbage, truncated, decompression bomb); the one such
+    error of the package (``probe_image`` here, ``realsyn.export.normalize_image`` at export)."""
 
 
 class ImageFetcher:
@@ -302,17 +303,6 @@ def _image_slots(docs: Iterable[Document]) -> Iterator[tuple[str, str, int, Any]
                 yield doc.doc_id, f"{doc.doc_id}#{position}", position, ref
 
 
-def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def build_image_table(
     docs: Iterable[Document], shard: str, fetcher: ImageFetcher, stats: StepStats, workers: int = 8
 ) -> pa.Table:
@@ -325,7 +315,7 @@ def build_image_table(
     batches = []
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
-        for slots in _batched(_image_slots(docs), _ROWS_PER_BATCH):
+        for slots in batched(_image_slots(docs), _ROWS_PER_BATCH):
             if pool is not None and any(not isinstance(s[3], (bytes, bytearray, memoryview)) for s in slots):
                 rows = list(pool.map(lambda s: _image_row(s, shard, fetcher), slots))
             else:

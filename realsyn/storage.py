@@ -16,13 +16,14 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from realsyn.io import atomic_write_bytes, filesystem_for, is_local, join_path
 
 GLOBAL_PARTITION = "_global"
 CURRENT_FILE = "_CURRENT.json"
@@ -32,55 +33,13 @@ class MissingOutputError(FileNotFoundError):
     """An asset partition has never been committed under this storage root."""
 
 
-def s3_storage_options() -> dict[str, Any]:
-    """s3fs options from the standard AWS variables; AWS_ENDPOINT_URL selects MinIO/moto."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # other pods write the same prefixes: never trust a cached listing
-    options: dict[str, Any] = {"use_listings_cache": False}
-    if endpoint:
-        options["client_kwargs"] = {"endpoint_url": endpoint}
-    return options
-
-
-def filesystem_for(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for a local path or a URL such as s3://bucket/key."""
-    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    options = dict(storage_options or {})
-    if protocol in ("s3", "s3a") and not options:
-        options = s3_storage_options()
-    fs = fsspec.filesystem(protocol, **options)
-    path = fs._strip_protocol(uri)
-    if protocol == "file":
-        path = os.path.abspath(path)
-    return fs, path
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old file or the whole new one."""
-    if _is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        # An S3 object becomes visible only when its PUT completes: atomic by construction.
-        fs.pipe_file(path, data)
-
-
 class Storage:
     """The storage root shared by all assets."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
         self.root_uri = root.rstrip("/")
         self.fs, self.root = filesystem_for(self.root_uri, storage_options)
-        self.protocol = "file" if _is_local(self.fs) else (self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol)
+        self.protocol = "file" if is_local(self.fs) else (self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol)
 
     def __repr__(self) -> str:
         return f"Storage({self.root_uri!r})"
@@ -88,12 +47,12 @@ class Storage:
     # ------------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
         """Filesystem path (no protocol) under the root."""
-        return posixpath.join(self.root, *parts) if not _is_local(self.fs) else os.path.join(self.root, *parts)
+        return join_path(self.fs, self.root, *parts)
 
     def uri(self, *parts: str) -> str:
         """Full URI (with protocol for remote roots), for users and for other libraries."""
         p = self.path(*parts)
-        return p if _is_local(self.fs) else f"{self.protocol}://{p}"
+        return p if is_local(self.fs) else f"{self.protocol}://{p}"
 
     def partition_dir(self, asset: str, partition: str | None) -> str:
         return self.path(asset, partition or GLOBAL_PARTITION)
@@ -106,7 +65,7 @@ class Storage:
         return PartitionReader(self, asset, partition or GLOBAL_PARTITION)
 
     def has(self, asset: str, partition: str | None = None) -> bool:
-        return self.fs.exists(posixpath.join(self.partition_dir(asset, partition), CURRENT_FILE))
+        return self.fs.exists(join_path(self.fs, self.partition_dir(asset, partition), CURRENT_FILE))
 
     def partitions(self, asset: str) -> list[str]:
         """Committed partitions of an asset, sorted."""
@@ -130,12 +89,6 @@ class Storage:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
-    def list(self, rel: str) -> list[str]:
-        p = self.path(rel)
-        if not self.fs.exists(p):
-            return []
-        return sorted(posixpath.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False))
-
 
 class _FileIO:
     """Typed reads and writes of the files of one generation folder."""
@@ -146,7 +99,7 @@ class _FileIO:
         raise NotImplementedError
 
     def open(self, name: str, mode: str = "rb"):
-        if "w" in mode and _is_local(self.fs):
+        if "w" in mode and is_local(self.fs):
             os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
         return self.fs.open(self.path(name), mode)
 
@@ -157,12 +110,8 @@ class _FileIO:
         with self.open(name) as f:
             return pq.read_table(f, columns=columns)
 
-    def iter_parquet_batches(self, name: str, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        with self.open(name) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
-
     def read_numpy(self, name: str) -> np.ndarray:
-        if _is_local(self.fs):
+        if is_local(self.fs):
             return np.load(self.path(name), mmap_mode="r", allow_pickle=False)
         with self.open(name) as f:
             return np.load(io.BytesIO(f.read()), allow_pickle=False)
@@ -181,18 +130,18 @@ class PartitionWriter(_FileIO):
         # sortable by start time down to the nanosecond, unique by the random suffix
         self.generation = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
         self.dir = storage.partition_dir(asset, partition)
-        self.gen_dir = posixpath.join(self.dir, f"g-{self.generation}") if not _is_local(self.fs) else os.path.join(self.dir, f"g-{self.generation}")
+        self.gen_dir = join_path(self.fs, self.dir, f"g-{self.generation}")
         self.files: list[str] = []
         self.committed = False
 
     def path(self, name: str) -> str:
         if name not in self.files:
             self.files.append(name)
-        return posixpath.join(self.gen_dir, name) if not _is_local(self.fs) else os.path.join(self.gen_dir, name)
+        return join_path(self.fs, self.gen_dir, name)
 
     def uri(self, name: str) -> str:
         p = self.path(name)
-        return p if _is_local(self.fs) else f"{self.storage.protocol}://{p}"
+        return p if is_local(self.fs) else f"{self.storage.protocol}://{p}"
 
     def write_bytes(self, name: str, data: bytes) -> str:
         with self.open(name, "wb") as f:
@@ -215,9 +164,9 @@ class PartitionWriter(_FileIO):
     def commit(self, info: dict[str, Any] | None = None) -> str:
         """Make this generation the current one, then drop older generations."""
         manifest = {"generation": self.generation, "files": sorted(self.files), "committed_at": time.time(), "info": info or {}}
-        if _is_local(self.fs):
+        if is_local(self.fs):
             os.makedirs(self.gen_dir, exist_ok=True)  # an output with no files still commits
-        atomic_write_bytes(self.fs, posixpath.join(self.dir, CURRENT_FILE) if not _is_local(self.fs) else os.path.join(self.dir, CURRENT_FILE), json.dumps(manifest).encode())
+        atomic_write_bytes(self.fs, join_path(self.fs, self.dir, CURRENT_FILE), json.dumps(manifest).encode())
         self.committed = True
         # only older generations go: a concurrent writer of the same partition that started later
         # is still filling its own (generation ids sort by start time)
@@ -248,7 +197,7 @@ class PartitionReader(_FileIO):
         self.storage, self.fs = storage, storage.fs
         self.asset, self.partition = asset, partition
         self.dir = storage.partition_dir(asset, partition)
-        current = posixpath.join(self.dir, CURRENT_FILE) if not _is_local(self.fs) else os.path.join(self.dir, CURRENT_FILE)
+        current = join_path(self.fs, self.dir, CURRENT_FILE)
         try:
             manifest = json.loads(self.fs.cat_file(current))
         except FileNotFoundError as e:
@@ -256,14 +205,14 @@ class PartitionReader(_FileIO):
         self.generation: str = manifest["generation"]
         self.files: list[str] = manifest["files"]
         self.info: dict[str, Any] = manifest.get("info", {})
-        self.gen_dir = posixpath.join(self.dir, f"g-{self.generation}") if not _is_local(self.fs) else os.path.join(self.dir, f"g-{self.generation}")
+        self.gen_dir = join_path(self.fs, self.dir, f"g-{self.generation}")
 
     def path(self, name: str) -> str:
-        return posixpath.join(self.gen_dir, name) if not _is_local(self.fs) else os.path.join(self.gen_dir, name)
+        return join_path(self.fs, self.gen_dir, name)
 
     def uri(self, name: str) -> str:
         p = self.path(name)
-        return p if _is_local(self.fs) else f"{self.storage.protocol}://{p}"
+        return p if is_local(self.fs) else f"{self.storage.protocol}://{p}"
 
     def has(self, name: str) -> bool:
         return name in self.files

@@ -3,7 +3,7 @@ import logging
 import numpy as np
 import pytest
 
-from realsyn import clustering
+from realsyn import runtime
 from realsyn.clustering import ReservoirSample, assign, cluster_order, train_kmeans
 
 
@@ -114,7 +114,7 @@ def test_train_kmeans_gpu_choice(monkeypatch):
     _, points = _blobs(2, 10, dim=4, seed=0)
     with pytest.raises(ValueError):
         train_kmeans(points, k=2, use_gpu="sometimes")
-    monkeypatch.setattr(clustering, "faiss_gpu_count", lambda: 0)
+    monkeypatch.setattr(runtime, "faiss_gpu_count", lambda: 0)
     with pytest.raises(RuntimeError):
         train_kmeans(points, k=2, use_gpu="always")
     assert train_kmeans(points, k=2, use_gpu="auto").shape == (2, 4)  # falls back to the CPU

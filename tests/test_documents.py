@@ -1,4 +1,4 @@
-"""Input shards: discovery, partition keys, streaming OBELICS documents, malformed rows counted."""
+"""Input shards: discovery, partition keys, streaming OBELICS documents (ObelicsReader), malformed rows counted."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from realsyn.documents import Document, NoShardsError, iter_documents, list_input_shards, shard_key
+from realsyn.readers import Document, NoShardsError, list_input_shards, shard_key
+from realsyn.readers.obelics import ObelicsReader
 from realsyn.stats import StepStats
 from tests.s3_server import moto_s3
 
@@ -81,7 +82,7 @@ def _write_parquet(path, rows, schema):
     return str(path)
 
 
-def test_iter_documents_parquet_skips_and_counts_malformed_rows(tmp_path):
+def test_obelics_parquet_skips_and_counts_malformed_rows(tmp_path):
     schema = pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())), ("texts", pa.list_(pa.string())), ("general_metadata", pa.string())])
     rows = [
         {"id": "d0", "images": [None, "http://127.0.0.1:1/a.jpg"], "texts": ["Hello there.", None], "general_metadata": '{"lang": "en"}'},
@@ -92,7 +93,7 @@ def test_iter_documents_parquet_skips_and_counts_malformed_rows(tmp_path):
     ]
     shard = _write_parquet(tmp_path / "part-3.parquet", rows, schema)
     stats = StepStats("documents")
-    docs = list(iter_documents(shard, stats, batch_size=2))  # several batches
+    docs = list(ObelicsReader(batch_size=2).iter_documents(shard, stats))  # several batches
     assert [d.doc_id for d in docs] == ["d0", "part-3-3", "d4"]
     assert docs[0] == Document("d0", [None, "http://127.0.0.1:1/a.jpg"], ["Hello there.", None], {"id": "d0", "general_metadata": {"lang": "en"}})
     assert docs[1].images == [os.path.join(tmp_path, "pics/b.png")]  # relative path: beside the shard
@@ -102,14 +103,14 @@ def test_iter_documents_parquet_skips_and_counts_malformed_rows(tmp_path):
     assert stats.dropped == {"malformed_document": 2}
 
 
-def test_iter_documents_parquet_inline_bytes_and_id_from_url(tmp_path):
+def test_obelics_parquet_inline_bytes_and_id_from_url(tmp_path):
     schema = pa.schema([("url", pa.string()), ("images", pa.list_(pa.binary())), ("texts", pa.list_(pa.string()))])
     rows = [
         {"url": "https://example.org/p/1", "images": [b"\x89PNG-ish", None], "texts": [None, "Caption."]},
         {"url": "https://example.org/p/1", "images": [None], "texts": ["Same url again."]},
     ]
     stats = StepStats("documents")
-    docs = list(iter_documents(_write_parquet(tmp_path / "s.parquet", rows, schema), stats))
+    docs = list(ObelicsReader().iter_documents(_write_parquet(tmp_path / "s.parquet", rows, schema), stats))
     assert [d.doc_id for d in docs] == ["https://example.org/p/1", "https://example.org/p/1~1"]
     assert docs[0].images == [b"\x89PNG-ish", None]
     assert stats.counts["renamed_duplicate_doc_id"] == 1
@@ -135,22 +136,22 @@ def _check_jsonl_docs(docs, stats, stem):
     assert stats.dropped == {"malformed_document": 4}
 
 
-def test_iter_documents_jsonl_and_gz(tmp_path):
+def test_obelics_jsonl_and_gz(tmp_path):
     body = b"\n".join(JSONL_LINES) + b"\n"
     stats = StepStats("documents")
-    _check_jsonl_docs(list(iter_documents(_touch(tmp_path / "s.jsonl", body), stats)), stats, "s")
+    _check_jsonl_docs(list(ObelicsReader().iter_documents(_touch(tmp_path / "s.jsonl", body), stats)), stats, "s")
     stats = StepStats("documents")
-    _check_jsonl_docs(list(iter_documents(_touch(tmp_path / "t.jsonl.gz", gzip.compress(body)), stats)), stats, "t")
+    _check_jsonl_docs(list(ObelicsReader().iter_documents(_touch(tmp_path / "t.jsonl.gz", gzip.compress(body)), stats)), stats, "t")
 
 
-def test_iter_documents_is_lazy_and_rejects_unknown_format(tmp_path):
+def test_obelics_is_lazy_and_rejects_unknown_format(tmp_path):
     lines = [json.dumps({"id": str(i), "images": [None], "texts": [f"Text {i}."]}) for i in range(3)]
     stats = StepStats("documents")
-    it = iter_documents(_touch(tmp_path / "lazy.jsonl", "\n".join(lines).encode()), stats)
+    it = ObelicsReader().iter_documents(_touch(tmp_path / "lazy.jsonl", "\n".join(lines).encode()), stats)
     assert next(it).doc_id == "0"
     assert stats.counts["documents_in"] == 1  # nothing read ahead beyond what was asked
     with pytest.raises(ValueError, match="unsupported shard format"):
-        list(iter_documents(_touch(tmp_path / "x.csv", b"a,b"), StepStats("documents")))
+        list(ObelicsReader().iter_documents(_touch(tmp_path / "x.csv", b"a,b"), StepStats("documents")))
 
 
 def test_shards_on_s3_are_listed_and_read():
@@ -167,7 +168,7 @@ def test_shards_on_s3_are_listed_and_read():
         assert shards == ["s3://corpus/in/part-1.jsonl", "s3://corpus/in/sub/part-0.parquet"]
         assert [shard_key(s, "s3://corpus/in") for s in shards] == ["part-1", "sub__part-0"]
         stats = StepStats("documents")
-        docs = list(iter_documents(shards[1], stats))
+        docs = list(ObelicsReader().iter_documents(shards[1], stats))
         assert docs[0].doc_id == "s3doc" and docs[0].images == ["s3://corpus/in/sub/img/one.jpg"]
-        assert list(iter_documents(shards[0], stats))[0].texts == ["Hi there."]
+        assert list(ObelicsReader().iter_documents(shards[0], stats))[0].texts == ["Hi there."]
         assert stats.counts["documents_in"] == 2

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from assets.runner import run_graph
-from realsyn.documents import list_input_shards, shard_key
+from realsyn import layout
+from realsyn.decisions import reason_counts
+from realsyn.readers import list_input_shards, shard_key
 from realsyn.sample_corpus import build_sample_corpus
 from realsyn.storage import Storage
 from tests.s3_server import moto_s3
@@ -27,11 +29,11 @@ def _config(path) -> str:
             "image_clusters": {"n_clusters": 4},
             "synthetic_captions": {"max_new_tokens": 12, "batch_size": 8},
             "sampled_splits": {
-                "splits": [{"name": n, "samplers": [{"name": "cluster_cap", "cap": c}]} for n, c in CAPS.items()]
+                "splits": [{"name": n, "samplers": [{"name": "cluster_cap", "params": {"cap": c}}]} for n, c in CAPS.items()]
                 + [
                     # MetaCLIP balancing after the RealSyn cap, on the real texts; POINTS on its own
-                    {"name": "metaclip", "samplers": [{"name": "cluster_cap", "cap": 5}, {"name": "metaclip", "t": 1, "metadata_path": "embedded:visual-concepts", "text_columns": ["real_texts"]}]},
-                    {"name": "points", "samplers": [{"name": "points_perplexity", "keep_fraction": 0.5}]},
+                    {"name": "metaclip", "samplers": [{"name": "cluster_cap", "params": {"cap": 5}}, {"name": "metaclip", "params": {"t": 1, "metadata_path": "embedded:visual-concepts", "text_columns": ["real_texts"]}}]},
+                    {"name": "points", "samplers": [{"name": "points_perplexity", "params": {"keep_fraction": 0.5}}]},
                 ]
             },
             "exported_splits": {"samples_per_shard": 4},
@@ -47,7 +49,7 @@ def _config(path) -> str:
 def _reasons(storage: Storage, asset: str, shards) -> collections.Counter:
     out = collections.Counter()
     for s in shards:
-        out.update(storage.reader(asset, s).read_parquet("excluded.parquet").column("reason").to_pylist())
+        out.update(reason_counts(storage.reader(asset, s).read_parquet(layout.DECISIONS_FILE)))
     return out
 
 
@@ -58,7 +60,7 @@ def _check_outputs(storage: Storage, shards, planted):
     assert image_drops == {"short_side": planted["tiny_images"], "aspect_ratio": planted["extreme_aspect_images"], "undecodable": 1, "fetch_failed": 1}
     # stage 4: exact copies and re-encoded/resized copies collapse to one representative each
     dedup = storage.reader("image_dedup")
-    decisions = [dedup.read_parquet(f"{s}.parquet").to_pylist() for s in shards]
+    decisions = [dedup.read_parquet(layout.decisions_file(s)).to_pylist() for s in shards]
     reasons = collections.Counter(d["reason"] for ds in decisions for d in ds if not d["kept"])
     assert reasons == {"exact_duplicate": planted["exact_duplicate_images"], "perceptual_duplicate": planted["near_duplicate_images"]}
     kept_images = [d["id"] for ds in decisions for d in ds if d["kept"]]
@@ -73,7 +75,7 @@ def _check_outputs(storage: Storage, shards, planted):
     for s in shards:
         t = storage.reader("filtered_sentences", s).read_parquet("sentences.parquet")
         texts.update(zip(t.column("sentence_id").to_pylist(), t.column("text").to_pylist()))
-        kept = storage.reader("sentence_dedup").read_parquet(f"{s}.parquet")
+        kept = storage.reader("sentence_dedup").read_parquet(layout.decisions_file(s))
         kept_sentences.update(i for i, k in zip(kept.column("id").to_pylist(), kept.column("kept").to_pylist()) if k)
     kept_texts = [texts[i] for i in kept_sentences]
     assert len(kept_texts) == len(set(kept_texts))
@@ -114,7 +116,11 @@ def _check_outputs(storage: Storage, shards, planted):
     meta_split = chosen("metaclip")
     assert set(meta_split) <= set(chosen("cap5")) and len(meta_split) < len(chosen("cap5"))
     assert all(any(matcher.match(t) for t in real[i]) for i in meta_split)
-    excluded = collections.Counter(r for s in shards for r in splits.read_parquet(f"metaclip/excluded/{s}.parquet").column("reason").to_pylist())
+    # each dropped sample names the sampler of the chain that dropped it (detail) and that sampler's own reason
+    dropped = [d for s in shards for d in splits.read_parquet(layout.split_decisions_file("metaclip", s)).to_pylist() if not d["kept"]]
+    excluded = collections.Counter(d["detail"] for d in dropped)
+    assert {d["reason"] for d in dropped if d["detail"] == "cluster_cap"} == {"over_cap"}
+    assert {d["reason"] for d in dropped if d["detail"] == "metaclip"} <= {"balanced_out", "no_metadata_match"}
     assert excluded["cluster_cap"] == planted["photos"] - len(chosen("cap5")) and excluded["metaclip"] == len(chosen("cap5")) - len(meta_split)
     assert any(f.startswith("metaclip/report-1-") and f.endswith(".png") for f in splits.files)
     assert len(chosen("points")) == int(0.5 * planted["photos"] + 0.5)  # POINTS rounds half up
@@ -206,7 +212,7 @@ def test_cli_reports_failing_asset_and_shard(tmp_path, capsys, monkeypatch):
     build_sample_corpus(str(corpus))
     # a caption model that cannot be loaded: the graph must stop at synthetic_captions and say so
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"assets": {"sentence_clusters": {"n_clusters": 4}}, "resources": {"generator": {"model": str(tmp_path / "no-such-model")}, "perplexity": {"enabled": False}}}))
+    cfg.write_text(yaml.safe_dump({"assets": {"sentence_clusters": {"n_clusters": 4}}, "resources": {"generator": {"params": {"model": str(tmp_path / "no-such-model")}}, "perplexity": {"enabled": False}}}))
     code = main(["run", "--input", str(corpus), "--storage", str(tmp_path / "store"), "--config", str(cfg)])
     err = capsys.readouterr().err
     assert code == 1

@@ -6,7 +6,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from realsyn.generation.base import GenerationBackend, clean_caption  # noqa: E402
+from realsyn.generation.base import clean_caption  # noqa: E402
+from realsyn.plugins.kinds import GenerationBackend  # noqa: E402
 from realsyn.generation.cache import CACHE_SCHEMA, CaptionCache, generate_with_cache  # noqa: E402
 from realsyn.generation.prompts import DEFAULT_FUSION_INSTRUCTION, build_fusion_messages, prompt_sha  # noqa: E402
 from realsyn.generation.tagging import (  # noqa: E402

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from realsyn.documents import Document
 from realsyn.image_db import (
     IMAGE_DB_SCHEMA,
     SENTENCE_DB_SCHEMA,
@@ -26,6 +25,7 @@ from realsyn.image_db import (
     build_sentence_table,
     probe_image,
 )
+from realsyn.readers import Document
 from realsyn.stats import StepStats
 from realsyn.text.sentences import SentenceSplitter
 from tests.s3_server import moto_s3

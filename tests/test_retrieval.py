@@ -3,9 +3,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from realsyn.clustering import assign, cluster_order, l2_normalize, train_kmeans
+from realsyn.clustering import assign, cluster_order, train_kmeans
 from realsyn import retrieval
 from realsyn.retrieval import exact_search, hierarchical_search
+from realsyn.runtime import l2_normalize
 
 
 class ClusterStore:

@@ -8,10 +8,11 @@ from collections import Counter
 
 import pytest
 
-from realsyn.documents import iter_documents, list_input_shards, shard_key
 from realsyn.filters.image_rules import ImageRuleFilter
 from realsyn.filters.sentence_rules import SentenceRuleFilter
 from realsyn.image_db import ImageFetcher, build_image_table, build_sentence_table
+from realsyn.readers import list_input_shards, shard_key
+from realsyn.readers.obelics import ObelicsReader
 from realsyn.sample_corpus import build_sample_corpus, main
 from realsyn.stats import StepStats
 from realsyn.text.sentences import SentenceSplitter
@@ -82,7 +83,7 @@ def test_ingest_reads_it_all_back_with_exact_noise(corpus):
     images, sentences, docs_by_id = [], [], {}
     for shard in list_input_shards(out):
         key = shard_key(shard, out)
-        docs = list(iter_documents(shard, stats))
+        docs = list(ObelicsReader().iter_documents(shard, stats))
         docs_by_id.update({d.doc_id: d for d in docs})
         images += build_image_table(docs, key, ImageFetcher(timeout_s=2.0, retries=0), stats).to_pylist()
         sentences += build_sentence_table(docs, key, splitter, stats).column("text").to_pylist()

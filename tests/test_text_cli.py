@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from realsyn.cli import main
+from realsyn.curation.text_cli import parse_plugin_spec
 from realsyn.curation.textio import infix_path, sibling_path, split_extension
 
-# (sentence, reason with --filters rules,cat --max-words 12)
+# (sentence, reason with --filter 'rules:{"max_words": 12}' --filter cat)
 SENTENCES = [
     ("A man in a red shirt is riding a brown horse on the beach.", "too_many_words"),  # 13 words
     ("Two dogs are chasing a ball across the green grass.", None),
@@ -55,7 +56,7 @@ def test_filter_rules_and_cat_on_jsonl(tmp_path, capsys):
     _write_jsonl(src, rows[:4] + ["{not json", "", "[1, 2]"] + rows[4:])
     out = tmp_path / "out" / "kept.jsonl"
     argv = ["text", "filter", "--input", str(src), "--text-column", "text", "--output", str(out)]
-    assert main(argv + ["--filters", "rules,cat", "--max-words", "12", "--read-batch-rows", "4"]) == 0
+    assert main(argv + ["--filter", 'rules:{"max_words": 12}', "--filter", "cat", "--read-batch-rows", "4"]) == 0
 
     assert _read_jsonl(out) == [{"id": i, "text": s} for i, (s, r) in enumerate(SENTENCES) if r is None]
     assert [r["id"] for r in _read_jsonl(out)] == [1, 7, 8, 9]
@@ -79,7 +80,7 @@ def test_filter_rules_and_cat_on_jsonl(tmp_path, capsys):
     assert summary["dropped_no_action"] == 2 and summary["excluded_output"] == str(tmp_path / "out" / "kept.excluded.jsonl")
 
     # The default word limit (81) keeps the 13-word sentence; cat then keeps it too.
-    assert main(argv + ["--filters", "rules,cat"]) == 0
+    assert main(argv + ["--filter", "rules", "--filter", "cat"]) == 0
     assert [r["id"] for r in _read_jsonl(out)] == [0, 1, 7, 8, 9]
     assert _summary(capsys)["dropped"].get("too_many_words") is None
 
@@ -95,7 +96,7 @@ def test_filter_perplexity_band_on_parquet_keeps_the_schema(tmp_path, capsys):
     out = tmp_path / "kept.parquet"
     argv = ["text", "filter", "--input", str(src), "--text-column", "text", "--output", str(out), "--perplexity-column", "ppl"]
 
-    assert main(argv + ["--filters", "rules,perplexity_band", "--read-batch-rows", "3"]) == 0
+    assert main(argv + ["--filter", "rules", "--filter", "perplexity_band", "--read-batch-rows", "3"]) == 0
     summary = _summary(capsys)
     assert summary["band"] == [30.0, 200.0] and summary["band_source"] == "paper"
     kept = pq.read_table(out)
@@ -113,11 +114,11 @@ def test_filter_perplexity_band_on_parquet_keeps_the_schema(tmp_path, capsys):
     ]
 
     # The band measured for the embedded scorer; then flags, which win.
-    assert main(argv + ["--filters", "perplexity_band", "--band-model", "embedded:smollm2-135m-instruct"]) == 0
+    assert main(argv + ["--filter", "perplexity_band", "--band-model", "embedded:smollm2-135m-instruct"]) == 0
     summary = _summary(capsys)
     assert summary["band"] == [10.0, 500.0] and summary["band_source"] == "default_band(embedded:smollm2-135m-instruct)"
     assert pq.read_table(out).column("id").to_pylist() == [0, 1, 2, 3, 4, 7, 8]
-    assert main(argv + ["--filters", "rules,perplexity_band", "--low", "100", "--high", "480"]) == 0
+    assert main(argv + ["--filter", "rules", "--filter", "perplexity_band", "--low", "100", "--high", "480"]) == 0
     summary = _summary(capsys)
     assert summary["band"] == [100.0, 480.0] and summary["band_source"] == "flags"
     assert pq.read_table(out).column("id").to_pylist() == [2, 3, 4, 8]
@@ -134,8 +135,8 @@ def test_jsonl_to_parquet_and_gzip_output(tmp_path, capsys):
     ]
     _write_jsonl(src, rows)
     out = tmp_path / "kept.parquet"
-    argv = ["text", "filter", "--input", str(src), "--text-column", "text", "--filters", "rules"]
-    assert main(argv + ["--output", str(out), "--read-batch-rows", "2", "--min-words", "1"]) == 0
+    argv = ["text", "filter", "--input", str(src), "--text-column", "text"]
+    assert main(argv + ["--output", str(out), "--read-batch-rows", "2", "--filter", 'rules:{"min_words": 1}']) == 0
     kept = pq.read_table(out)  # typed from all rows seen before the first non-null note
     assert kept.schema == pa.schema([("text", pa.string()), ("note", pa.string()), ("extra", pa.int64())])
     assert kept.to_pylist() == [{**r, "extra": r.get("extra")} for r in rows[:3]]
@@ -143,7 +144,7 @@ def test_jsonl_to_parquet_and_gzip_output(tmp_path, capsys):
     assert summary["kept"] == 4 and summary["output_rows"] == 3 and summary["dropped_parquet_schema_mismatch"] == 1
 
     gz = tmp_path / "kept.jsonl.gz"
-    assert main(argv + ["--output", str(gz)]) == 0
+    assert main(argv + ["--output", str(gz), "--filter", "rules"]) == 0
     assert _summary(capsys)["output_rows"] == 3
     with gzip.open(gz, "rt", encoding="utf-8") as f:
         assert [json.loads(line) for line in f] == rows[:3]
@@ -243,7 +244,7 @@ def test_s3_round_trip(capsys):
         with fs.open("curation/in/sentences.parquet", "wb") as f:
             pq.write_table(pa.table({"text": [s for s, _ in SENTENCES[:5]]}), f)
         out = "s3://curation/out/kept.jsonl"
-        assert main(["text", "filter", "--input", "s3://curation/in/sentences.parquet", "--text-column", "text", "--filters", "rules", "--output", out]) == 0
+        assert main(["text", "filter", "--input", "s3://curation/in/sentences.parquet", "--text-column", "text", "--filter", "rules", "--output", out]) == 0
         assert [json.loads(line) for line in fs.cat_file("curation/out/kept.jsonl").decode().splitlines()] == [
             {"text": SENTENCES[0][0]},
             {"text": SENTENCES[1][0]},
@@ -259,7 +260,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_output(tmp_path, capsys):
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"caption": ["A dog runs."]}), src)
     out = tmp_path / "o.jsonl"
-    assert main(["text", "filter", "--input", str(src), "--text-column", "text", "--filters", "rules", "--output", str(out)]) == 2
+    assert main(["text", "filter", "--input", str(src), "--text-column", "text", "--filter", "rules", "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "realsyn text filter: error:" in err and "no column 'text'" in err and "caption" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
@@ -274,9 +275,9 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_output(tmp_path, capsys):
     _write_jsonl(jsonl, [{"caption": "A dog runs."}])
     assert main(["text", "perplexity", "--input", str(jsonl), "--text-column", "text", "--output", str(out)]) == 2
     assert "first row has no field 'text'" in capsys.readouterr().err
-    assert main(["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filters", "rules,nope", "--output", str(out)]) == 2
+    assert main(["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filter", "rules", "--filter", "nope", "--output", str(out)]) == 2
     assert "no sentence_filter plug-in named 'nope'" in capsys.readouterr().err
-    assert main(["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filters", "rules", "--output", str(tmp_path / "o.csv")]) == 2
+    assert main(["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filter", "rules", "--output", str(tmp_path / "o.csv")]) == 2
     assert "expected a .parquet or .jsonl file" in capsys.readouterr().err
     assert main(["text", "points", "--input", str(tmp_path / "absent.jsonl"), "--output", str(out)]) == 2
     assert "absent.jsonl" in capsys.readouterr().err
@@ -285,3 +286,41 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_output(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: a required flag is missing
         main(["text", "points", "--input", str(jsonl)])
     assert exit_info.value.code == 2
+
+
+def test_filter_spec_is_a_name_or_a_dotted_path_with_optional_json_params():
+    assert parse_plugin_spec("cat") == {"name": "cat", "params": {}}
+    assert parse_plugin_spec('rules:{"min_words": 2}') == {"name": "rules", "params": {"min_words": 2}}
+    assert parse_plugin_spec("my_pkg.filters:Mine") == {"name": "my_pkg.filters:Mine", "params": {}}
+    assert parse_plugin_spec('my_pkg.filters:Mine: {"x": [1, 2]}') == {"name": "my_pkg.filters:Mine", "params": {"x": [1, 2]}}
+    with pytest.raises(ValueError, match="not a JSON object"):
+        parse_plugin_spec("rules:{min_words: 2}")
+    with pytest.raises(ValueError, match="no plug-in name"):
+        parse_plugin_spec('{"min_words": 2}')
+
+
+def test_filter_plugins_by_dotted_path_and_validated_params(tmp_path, capsys):
+    src = tmp_path / "sentences.jsonl"
+    _write_jsonl(src, [{"text": s} for s, _ in SENTENCES])
+    out = tmp_path / "kept.jsonl"
+    argv = ["text", "filter", "--input", str(src), "--text-column", "text", "--output", str(out)]
+    dotted = "realsyn.filters.sentence_rules:SentenceRuleFilter"
+    assert main(argv + ["--filter", dotted + ':{"max_words": 12}', "--filter", "cat"]) == 0
+    assert [r["text"] for r in _read_jsonl(out)] == [s for s, r in SENTENCES if r is None]
+    assert _summary(capsys)["filters"] == [dotted, "cat"]
+
+    def one_error_line(code):
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("realsyn text filter: error: ")
+        return err[0]
+
+    # params are checked against the plug-in's typed __init__: the message names the plug-in and the field
+    line = one_error_line(main(argv + ["--filter", 'rules:{"max_words": "many"}']))
+    assert "sentence_filter 'rules'" in line and "field max_words" in line
+    line = one_error_line(main(argv + ["--filter", 'cat:{"min_complexty": 2}']))
+    assert "sentence_filter 'cat'" in line and "field min_complexty" in line
+    assert "not a JSON object" in one_error_line(main(argv + ["--filter", "rules:{max_words: 12}"]))
+    assert "--low/--high" in one_error_line(main(argv + ["--filter", 'perplexity_band:{"low": 1}']))
+    assert "cannot import" in one_error_line(main(argv + ["--filter", "no_such_module:Filter"]))
+    assert not out.exists()

@@ -1,7 +1,8 @@
 """``realsyn metaclip match|balance``: MetaCLIP substring matching and balancing from the command line.
 
 Inputs and outputs are local paths or URLs (s3://...); outputs are written whole or not at all
-(a temporary file renamed, or uploaded in one piece). Run as ``python -m realsyn.curation.metaclip_cli``.
+(a temporary file renamed, or uploaded in one piece). Bad input exits 2 (``realsyn.cli.run_cli``).
+Run as ``realsyn metaclip`` or ``python -m realsyn.curation.metaclip_cli``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from realsyn.cli import positive_int, run_cli
 from realsyn.curation.metaclip import (
     MetaClipMatcher,
     StreamingBalancer,
@@ -27,12 +29,9 @@ from realsyn.curation.metaclip import (
     load_metadata,
     plot_cumulative,
 )
-from realsyn.curation.textio import atomic_local_file, iter_text_batches
-from realsyn.curation.textio import check_format as _check_format
-from realsyn.curation.textio import is_parquet as _is_parquet
-from realsyn.curation.textio import sibling_path as _sibling
+from realsyn.curation.textio import check_format, is_parquet, iter_text_batches, sibling_path
+from realsyn.io import atomic_local_file, filesystem_for, iter_jsonl
 from realsyn.stats import StepStats
-from realsyn.storage import filesystem_for
 
 # ---------------------------------------------------------------------------- reading
 
@@ -40,9 +39,9 @@ from realsyn.storage import filesystem_for
 def iter_match_batches(uri: str, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, list[list[int]]]]:
     """(row ids, entry id lists) from a matches file: ours (row, entry_ids) or MetaCLIP-style JSONL
     (idx, matched_entry_ids); a row without an index gets its line number."""
-    _check_format(uri)
-    fs, path = filesystem_for(uri)
-    if _is_parquet(uri):
+    check_format(uri)
+    if is_parquet(uri):
+        fs, path = filesystem_for(uri)
         with fs.open(path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["row", "entry_ids"]):
                 rows = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -50,21 +49,15 @@ def iter_match_batches(uri: str, batch_size: int = 65536) -> Iterator[tuple[np.n
         return
     rows: list[int] = []
     ids: list[list[int]] = []
-    line_no = 0
-    with fs.open(path, "rb", compression="infer") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            entry_ids = record.get("entry_ids", record.get("matched_entry_ids"))
-            if entry_ids is None:
-                raise ValueError(f"{uri}: line {line_no + 1} has neither 'entry_ids' nor 'matched_entry_ids'")
-            rows.append(int(record.get("row", record.get("idx", line_no))))
-            ids.append(sorted(set(int(i) for i in entry_ids)))
-            line_no += 1
-            if len(rows) >= batch_size:
-                yield np.asarray(rows, dtype=np.int64), ids
-                rows, ids = [], []
+    for line_no, record in enumerate(iter_jsonl(uri, strict=True)):  # blank lines are not rows
+        entry_ids = record.get("entry_ids", record.get("matched_entry_ids"))
+        if entry_ids is None:
+            raise ValueError(f"{uri}: line {line_no + 1} has neither 'entry_ids' nor 'matched_entry_ids'")
+        rows.append(int(record.get("row", record.get("idx", line_no))))
+        ids.append(sorted(set(int(i) for i in entry_ids)))
+        if len(rows) >= batch_size:
+            yield np.asarray(rows, dtype=np.int64), ids
+            rows, ids = [], []
     if rows:
         yield np.asarray(rows, dtype=np.int64), ids
 
@@ -107,8 +100,8 @@ class MatchesWriter:
 
 def cmd_match(args: argparse.Namespace) -> int:
     stats = StepStats("metaclip_match")
-    _check_format(args.input)
-    _check_format(args.output)
+    check_format(args.input)
+    check_format(args.output)
     with stats.timed():
         start = time.perf_counter()
         metadata = load_metadata(args.metadata)
@@ -116,7 +109,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         built = time.perf_counter() - start
         row = 0
         with atomic_local_file(args.output) as tmp:
-            writer = MatchesWriter(tmp, _is_parquet(args.output), gzipped=args.output.endswith(".gz"))
+            writer = MatchesWriter(tmp, is_parquet(args.output), gzipped=args.output.endswith(".gz"))
             try:
                 for texts in iter_text_batches(args.input, args.text_column, args.batch_size, stats):
                     offsets, ids = matcher.match_batch_csr(texts)
@@ -136,7 +129,7 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def cmd_balance(args: argparse.Namespace) -> int:
     stats = StepStats("metaclip_balance")
-    _check_format(args.output)
+    check_format(args.output)
     with stats.timed():
         metadata = load_metadata(args.metadata) if args.metadata else None
         counts = np.zeros(len(metadata) if metadata is not None else 0, dtype=np.int64)
@@ -152,7 +145,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
         balancer = StreamingBalancer(counts, args.t, args.seed, args.epoch)
         counts_after = np.zeros_like(counts)
         with atomic_local_file(args.output) as tmp:
-            writer = MatchesWriter(tmp, _is_parquet(args.output), gzipped=args.output.endswith(".gz"))
+            writer = MatchesWriter(tmp, is_parquet(args.output), gzipped=args.output.endswith(".gz"))
             try:
                 for rows, lists in iter_match_batches(args.matches):  # pass 2: draws in row order
                     offsets, flat = lists_to_csr(lists)
@@ -170,7 +163,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
                 writer.close()
         if metadata is not None:
             table = distribution_table(counts, counts_after, metadata, args.t)
-            with atomic_local_file(_sibling(args.output, "distribution.parquet")) as tmp:
+            with atomic_local_file(sibling_path(args.output, "distribution.parquet")) as tmp:
                 pq.write_table(table, tmp)
         if args.plot:
             plot_cumulative(counts, counts_after, args.t, args.plot)
@@ -179,25 +172,18 @@ def cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return n
-
-
 def _add_subcommands(sub: Any) -> None:
     match = sub.add_parser("match", help="per input row, the sorted ids of the metadata entries its text matches")
     match.add_argument("--metadata", required=True, help="JSON list of entries (entry id = position)")
     match.add_argument("--input", required=True, help="Parquet or JSONL file (local or s3://)")
     match.add_argument("--text-column", required=True, help="column / field holding the text")
     match.add_argument("--output", required=True, help="JSONL ({row, entry_ids} per line) or .parquet")
-    match.add_argument("--batch-size", type=_positive_int, default=8192)
+    match.add_argument("--batch-size", type=positive_int, default=8192)
     match.set_defaults(func=cmd_match)
 
     bal = sub.add_parser("balance", help="MetaCLIP balancing of a matches file: keep rows, print head/tail counts")
     bal.add_argument("--matches", required=True, help="output of `metaclip match` (JSONL or Parquet)")
-    bal.add_argument("--t", type=_positive_int, required=True, help="head/tail threshold (paper: 20000 for 400M pairs)")
+    bal.add_argument("--t", type=positive_int, required=True, help="head/tail threshold (paper: 20000 for 400M pairs)")
     bal.add_argument("--seed", type=int, required=True)
     bal.add_argument("--epoch", type=int, default=None, help="fresh draw per epoch (online curation)")
     bal.add_argument("--output", required=True, help="kept rows: JSONL or .parquet")
@@ -216,12 +202,7 @@ def add_metaclip_commands(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realsyn.curation.metaclip_cli", description=__doc__)
     _add_subcommands(parser.add_subparsers(dest="metaclip_command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

@@ -1,49 +1,40 @@
 """``realsyn text perplexity|filter|points``: the text-only curation plug-ins from the command line.
 
 Each command streams one Parquet or JSONL file (local or s3://), writes its output whole or not at
-all, in the format its extension names, and prints a one-line JSON summary. Bad input exits 2.
-Run as ``python -m realsyn.curation.text_cli`` or ``realsyn text``.
+all, in the format its extension names, and prints a one-line JSON summary. Plug-ins are chosen and
+configured as in run config (``{name, params}``, see ``realsyn.plugins``): ``--filter NAME`` or
+``--filter 'NAME:{"param": value}'``, NAME a registered short name or ``package.module:Class``.
+Bad input exits 2 (``realsyn.cli.run_cli``). Run as ``realsyn text`` or ``python -m realsyn.curation.text_cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from realsyn.curation.perplexity import EMBEDDED_SCORER, PointsPerplexitySampler
-from realsyn.curation.textio import RowBatch, RowWriter, atomic_local_file, check_format, infix_path, iter_row_batches
+from realsyn.cli import positive_int, run_cli
+from realsyn.curation.perplexity import EMBEDDED_SCORER
+from realsyn.curation.textio import RowBatch, RowWriter, check_format, infix_path, iter_row_batches
 from realsyn.filters.base import apply_filters
-from realsyn.filters.perplexity_band import PAPER_BAND, default_band
-from realsyn.plugins import create_plugin
+from realsyn.filters.perplexity_band import PAPER_BAND, PerplexityBandFilter, default_band
+from realsyn.io import atomic_local_file
+from realsyn.plugins import build_plugin
 from realsyn.stats import StepStats
 
-DEFAULT_FILTERS = "rules,cat,perplexity_band"
+# The band is a threshold on a stored score, set by its own flags, not a plug-in; it may stand
+# anywhere among the --filter plug-ins under this name.
+PERPLEXITY_BAND = "perplexity_band"
+DEFAULT_FILTERS = ("rules", "cat", PERPLEXITY_BAND)
 REASON_COLUMN = "reason"
-
-
-def _exits_2_on_bad_input(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Bad input (missing column, bad extension or value, missing file) is one stderr line and exit 2."""
-
-    def wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(func)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return func(args)
-            except (ValueError, OSError, pa.ArrowException) as e:
-                print(f"realsyn text {command}: error: {e}", file=sys.stderr)
-                return 2
-
-        return run
-
-    return wrap
+_PARAMS_START = re.compile(r":\s*\{")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -61,14 +52,12 @@ def _score_values(scores: np.ndarray, arrow: bool) -> pa.Array | list[float | No
     return [None if m else float(str(s)) for s, m in zip(scores.astype(np.float32), missing)]
 
 
-@_exits_2_on_bad_input("perplexity")
 def cmd_perplexity(args: argparse.Namespace) -> int:
     stats = StepStats("text_perplexity")
     check_format(args.input)
     check_format(args.output)
-    scorer = create_plugin(
-        "perplexity_scorer", "causal_lm", model=args.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length
-    )
+    params = {"model": args.model, "device": args.device, "batch_size": args.batch_size, "max_length": args.max_length}
+    scorer = build_plugin("perplexity_scorer", {"name": "causal_lm", "params": params})
     load_seconds = score_seconds = 0.0
     with stats.timed():
         with atomic_local_file(args.output) as tmp, RowWriter(tmp, args.output, stats) as writer:
@@ -106,7 +95,7 @@ class _TextColumnFilter:
 
     def __init__(self, inner: Any, text_column: str):
         self.inner = inner
-        self.name = inner.name
+        self.name = getattr(inner, "name", "") or type(inner).__name__
         self.text_column = text_column
 
     def reasons(self, items: Sequence[dict[str, Any]]) -> list[str | None]:
@@ -126,36 +115,46 @@ def _band(args: argparse.Namespace) -> tuple[float, float, str]:
     return float(low), float(high), source
 
 
+def parse_plugin_spec(value: str) -> dict[str, Any]:
+    """``NAME`` or ``NAME:{JSON params}`` as ``{"name", "params"}``; NAME may be ``package.module:Class``
+    (the params start at the first ':' followed by '{')."""
+    start = _PARAMS_START.search(value)
+    name, raw = (value, None) if start is None else (value[: start.start()], value[start.start() + 1 :])
+    name = name.strip()
+    if not name:
+        raise ValueError(f"--filter {value!r}: no plug-in name before the params")
+    if raw is None:
+        return {"name": name, "params": {}}
+    try:
+        params = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"--filter {value!r}: params are not a JSON object: {e}") from None
+    return {"name": name, "params": params}
+
+
 def build_sentence_filters(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
-    """Filters named by ``--filters`` in order, and the settings to report."""
-    names = [n.strip() for n in args.filters.split(",") if n.strip()]
-    if not names:
-        raise ValueError("--filters names no filter")
+    """The ``--filter`` plug-ins (default: rules, cat, perplexity_band) in order, and the settings to report."""
+    specs = [parse_plugin_spec(v) for v in args.filters] if args.filters else [{"name": n, "params": {}} for n in DEFAULT_FILTERS]
     filters: list[Any] = []
-    settings: dict[str, Any] = {"filters": names}
-    for name in names:
-        if name == "rules":
-            inner = create_plugin("sentence_filter", name, min_words=args.min_words, max_words=args.max_words)
-            filters.append(_TextColumnFilter(inner, args.text_column))
-        elif name == "cat":
-            inner = create_plugin("sentence_filter", name, require_action=args.require_action, min_complexity=args.min_complexity)
-            filters.append(_TextColumnFilter(inner, args.text_column))
-        elif name == "perplexity_band":
+    settings: dict[str, Any] = {"filters": [spec["name"] for spec in specs]}
+    for spec in specs:
+        if spec["name"] == PERPLEXITY_BAND:
+            if spec["params"]:
+                raise ValueError(f"{PERPLEXITY_BAND} takes no params: set it with --low/--high/--band-model/--perplexity-column")
             low, high, source = _band(args)
-            filters.append(create_plugin("sentence_filter", name, low=low, high=high, score_key=args.perplexity_column))
+            filters.append(PerplexityBandFilter(low=low, high=high, score_key=args.perplexity_column))
             settings.update(band=[low, high], band_source=source)
-        else:  # another registered sentence filter: default settings, shown the text
-            filters.append(_TextColumnFilter(create_plugin("sentence_filter", name), args.text_column))
+        else:  # a sentence_filter plug-in, shown the text of each row
+            filters.append(_TextColumnFilter(build_plugin("sentence_filter", spec), args.text_column))
     return filters, settings
 
 
-@_exits_2_on_bad_input("filter")
 def cmd_filter(args: argparse.Namespace) -> int:
     stats = StepStats("text_filter")
     check_format(args.input)
     check_format(args.output)
     filters, settings = build_sentence_filters(args)
-    uses_band = "perplexity_band" in settings["filters"]
+    uses_band = PERPLEXITY_BAND in settings["filters"]
     uses_text = any(isinstance(f, _TextColumnFilter) for f in filters)
     item_columns = ([args.text_column] if uses_text else []) + ([args.perplexity_column] if uses_band else [])
     excluded_uri = infix_path(args.output, "excluded")
@@ -217,12 +216,12 @@ def _key_table(batch: RowBatch, first_row: int, args: argparse.Namespace, stats:
     return pa.table({"score": _numeric_scores(batch, args.score_column, stats), "id": pa.array(ids, type=pa.string())})
 
 
-@_exits_2_on_bad_input("points")
 def cmd_points(args: argparse.Namespace) -> int:
     stats = StepStats("text_points")
     check_format(args.input)
     check_format(args.output)
-    sampler = PointsPerplexitySampler(keep_fraction=args.keep_fraction, score_column="score", id_column="id")
+    params = {"keep_fraction": args.keep_fraction, "score_column": "score", "id_column": "id"}
+    sampler = build_plugin("sampler", {"name": "points_perplexity", "params": params})
     required = [args.score_column] + ([args.id_column] if args.id_column else [])
 
     def key_tables(read_stats: StepStats, columns: list[str] | None, score_stats: StepStats | None):
@@ -260,17 +259,10 @@ def cmd_points(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return n
-
-
 def _add_io(parser: argparse.ArgumentParser, output_help: str) -> None:
     parser.add_argument("--input", required=True, help="Parquet or JSONL file (local or s3://)")
     parser.add_argument("--output", required=True, help=output_help + "; .parquet or .jsonl[.gz] (local or s3://)")
-    parser.add_argument("--read-batch-rows", type=_positive_int, default=4096, help="rows read and written at a time")
+    parser.add_argument("--read-batch-rows", type=positive_int, default=4096, help="rows read and written at a time")
 
 
 def _add_subcommands(sub: Any) -> None:
@@ -278,7 +270,7 @@ def _add_subcommands(sub: Any) -> None:
     _add_io(ppl, "every input row plus the score column (null where the text is empty or not text)")
     ppl.add_argument("--text-column", required=True, help="column / field holding the text")
     ppl.add_argument("--model", default=EMBEDDED_SCORER, help="embedded:smollm2-135m-instruct, or a Hugging Face causal LM name or path")
-    ppl.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass")
+    ppl.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
     ppl.add_argument("--max-length", type=int, default=128, help="tokens scored per text (start token included)")
     ppl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ppl.add_argument("--score-column", default="perplexity", help="name of the added column (replaced if present)")
@@ -288,12 +280,14 @@ def _add_subcommands(sub: Any) -> None:
     _add_io(flt, "kept rows; dropped rows go to the same name with .excluded before the extension, with a 'reason' column")
     flt.add_argument("--text-column", required=True, help="column / field holding the sentence")
     flt.add_argument(
-        "--filters", default=DEFAULT_FILTERS, help="comma-separated, applied in order: rules, cat, perplexity_band (default: %(default)s)"
+        "--filter",
+        dest="filters",
+        action="append",
+        metavar="NAME[:{JSON}]",
+        help="a sentence_filter plug-in, repeatable, applied in order: a registered name (rules, cat) or package.module:Class, "
+        'optionally with params as a JSON object, e.g. \'rules:{"min_words": 2}\'; the name perplexity_band places the '
+        f"band set by --low/--high/--band-model (default: {' '.join(DEFAULT_FILTERS)})",
     )
-    flt.add_argument("--min-words", type=int, default=3, help="rules: fewest words kept")
-    flt.add_argument("--max-words", type=int, default=81, help="rules: most words kept")
-    flt.add_argument("--min-complexity", type=int, default=1, help="cat: lowest object complexity kept (C1 in the paper)")
-    flt.add_argument("--no-require-action", dest="require_action", action="store_false", help="cat: keep sentences without an action")
     flt.add_argument(
         "--perplexity-column", default="perplexity", help="perplexity_band: the stored score column (from `realsyn text perplexity`)"
     )
@@ -328,8 +322,7 @@ def add_text_commands(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realsyn.curation.text_cli", description=__doc__)
     _add_subcommands(parser.add_subparsers(dest="text_command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

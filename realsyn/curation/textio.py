@@ -6,32 +6,19 @@ whole or not at all (a temporary file renamed, or uploaded in one piece).
 
 from __future__ import annotations
 
-import base64
-import datetime
-import decimal
 import gzip
 import json
-import os
-import posixpath
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from realsyn.io import MALFORMED, filesystem_for, iter_jsonl, json_default
 from realsyn.stats import StepStats
-from realsyn.storage import filesystem_for
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
-
-
-def is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def is_parquet(uri: str) -> bool:
@@ -63,48 +50,20 @@ def infix_path(uri: str, infix: str) -> str:
     return f"{base}.{infix}{ext}"
 
 
-@contextmanager
-def atomic_local_file(uri: str) -> Iterator[str]:
-    """A local temporary path that becomes ``uri`` only if the block succeeds (rename, or one upload)."""
-    fs, path = filesystem_for(uri)
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    else:
-        fd, tmp = tempfile.mkstemp(suffix=posixpath.basename(path))
-        os.close(fd)
-    try:
-        yield tmp
-        if is_local(fs):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # ---------------------------------------------------------------------------- reading
 
 
 def iter_jsonl_records(uri: str, stats: StepStats) -> Iterator[dict[str, Any] | None]:
     """Per non-blank line, its JSON object, or None where the line is none (counted:
     ``bad_json``, ``not_an_object``). ``.gz`` files are decompressed."""
-    fs, path = filesystem_for(uri)
-    with fs.open(path, "rb", compression="infer") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                stats.drop("bad_json")
-                yield None
-                continue
-            if not isinstance(record, dict):
-                stats.drop("not_an_object")
-                yield None
-                continue
+    for record in iter_jsonl(uri):
+        if record is MALFORMED:
+            stats.drop("bad_json")
+            yield None
+        elif not isinstance(record, dict):
+            stats.drop("not_an_object")
+            yield None
+        else:
             yield record
 
 
@@ -222,21 +181,6 @@ def iter_row_batches(
 # ---------------------------------------------------------------------------- writing
 
 
-def _json_value(value: Any) -> Any:
-    """JSON form of the Arrow values json.dumps does not know."""
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
-
-
 class RowWriter:
     """Writes RowBatches to a local file as JSONL (gzip if ``uri`` ends in .gz) or Parquet.
 
@@ -276,7 +220,7 @@ class RowWriter:
 
     def write(self, batch: RowBatch) -> None:
         if not self.parquet:
-            lines = [json.dumps(r, ensure_ascii=False, default=_json_value) + "\n" for r in batch.records()]
+            lines = [json.dumps(r, ensure_ascii=False, default=json_default) + "\n" for r in batch.records()]
             self._file.writelines(lines)
             self.rows_written += len(lines)
         elif batch.is_arrow:

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from realsyn.runtime import hub_offline, l2_normalize, resolve_device
 from realsyn.stats import StepStats
 
 logger = logging.getLogger("realsyn")
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
-_TRUTHY = ("1", "true", "yes", "on")
 
 _CACHE: dict[tuple, _LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
@@ -78,10 +78,6 @@ def _looks_like_path(pretrained: str) -> bool:
     return pretrained.endswith(_WEIGHT_FILE_SUFFIXES) or os.sep in pretrained or pretrained.startswith("~")
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
-
-
 def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[_ResolvedWeights | None, str]:
     """Find a local file for `pretrained` (tag or path) without building anything.
 
@@ -100,7 +96,7 @@ def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) ->
     if not cfg:
         known = oc_pretrained.list_pretrained_tags_by_model(model_name)
         return None, f"{pretrained!r} is neither a weights file nor a known tag of {model_name} (tags: {known})"
-    if "file" not in cfg and not (cfg.get("hf_hub") and oc_pretrained.has_hf_hub()) and _hub_offline():
+    if "file" not in cfg and not (cfg.get("hf_hub") and oc_pretrained.has_hf_hub()) and hub_offline():
         # URL-only weights: urllib ignores HF_HUB_OFFLINE, so only a cached file counts offline.
         cached = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
         if not cfg.get("url") or not cached.is_file():
@@ -114,14 +110,6 @@ def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) ->
     preprocess_keys = set(PreprocessCfg.__dataclass_fields__)
     preprocess = {k: v for k, v in cfg.items() if k in preprocess_keys and v is not None}
     return _ResolvedWeights(path, pretrained, preprocess, bool(cfg.get("quick_gelu", False))), ""
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _build(model_name: str, weights: _ResolvedWeights | None, device: str, precision: str, seed: int) -> _LoadedModel:
@@ -167,11 +155,6 @@ def _build(model_name: str, weights: _ResolvedWeights | None, device: str, preci
     )
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
 class OpenClipEmbedder:
     """Embeds images (encoded bytes) and texts into one L2-normalised CLIP space.
 
@@ -204,7 +187,7 @@ class OpenClipEmbedder:
     # -- loading -----------------------------------------------------------------------------
 
     def _loaded(self) -> _LoadedModel:
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         key = (self.model_name, self.pretrained, self.fallback_model, device, self.precision, self.seed, self.cache_dir)
         with _CACHE_LOCK:
             if key not in _CACHE:
@@ -276,7 +259,7 @@ class OpenClipEmbedder:
             if not rows:
                 continue
             batch = torch.stack(tensors).to(loaded.input_dtype)
-            out[rows] = _l2_normalise(self._encode(loaded, loaded.model.encode_image, batch))
+            out[rows] = l2_normalize(self._encode(loaded, loaded.model.encode_image, batch))
             if stats is not None:
                 stats.add("embedded", len(rows))
         return out
@@ -293,7 +276,7 @@ class OpenClipEmbedder:
             if not rows:
                 continue
             tokens = loaded.tokenizer([texts[i] for i in rows])
-            out[rows] = _l2_normalise(self._encode(loaded, loaded.model.encode_text, tokens))
+            out[rows] = l2_normalize(self._encode(loaded, loaded.model.encode_text, tokens))
             if stats is not None:
                 stats.add("embedded", len(rows))
         return out

@@ -1,22 +1,14 @@
-"""Filter interface: a filter returns, per item, None to keep it or a short drop reason."""
+"""Running a chain of filters (image or sentence filters, ``realsyn.plugins.kinds``) over items."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 
-class Filter(Protocol):
-    name: str
-
-    def reasons(self, items: Sequence[Any]) -> list[str | None]:
-        """One entry per item: None keeps it, a string names why it is dropped."""
-        ...
-
-
-def apply_filters(filters: Sequence[Filter], items: Sequence[Any]) -> tuple[np.ndarray, list[str | None]]:
+def apply_filters(filters: Sequence[Any], items: Sequence[Any]) -> tuple[np.ndarray, list[str | None]]:
     """Run filters in order; an item dropped by one filter is not shown to the next.
 
     Returns (keep mask, reason per item); the first filter that drops an item names the reason.
@@ -28,7 +20,7 @@ def apply_filters(filters: Sequence[Filter], items: Sequence[Any]) -> tuple[np.n
             break
         got = f.reasons([items[i] for i in alive])
         if len(got) != len(alive):
-            raise ValueError(f"filter {f.name!r} returned {len(got)} reasons for {len(alive)} items")
+            raise ValueError(f"filter {getattr(f, 'name', type(f).__name__)!r} returned {len(got)} reasons for {len(alive)} items")
         still = []
         for i, r in zip(alive, got):
             if r is None:

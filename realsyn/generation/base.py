@@ -1,18 +1,8 @@
-"""Generation backend interface and the clean-up every backend applies to raw model output."""
+"""The clean-up every generation backend applies to raw model output (the contract: ``realsyn.plugins.kinds``)."""
 
 from __future__ import annotations
 
 import re
-from typing import Protocol, runtime_checkable
-
-
-@runtime_checkable
-class GenerationBackend(Protocol):
-    model_id: str
-
-    def generate(self, batch: list[list[dict]], max_new_tokens: int, temperature: float) -> list[str]:
-        """One cleaned completion per chat (list of {"role", "content"} messages), in order."""
-        ...
 
 
 _PREFIX = re.compile(

@@ -15,11 +15,12 @@ import functools
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from realsyn.io import atomic_directory
+from realsyn.runtime import hub_offline, resolve_device
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,14 +84,6 @@ def resolve_model_source(model: str, gguf_file: str | None = None) -> tuple[str,
     return model, gguf_file
 
 
-def resolve_device(device: str = "auto") -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_dtype(dtype: str, device: str) -> str:
     """Concrete dtype name: "auto" is float32 on CPU, bfloat16 (else float16) on a GPU."""
     if dtype not in _DTYPES:
@@ -141,10 +134,9 @@ def _load(source: str, gguf_name: str | None, device: str, dtype: str) -> tuple[
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         hint = (
             " HF_HUB_OFFLINE=1 is set, so a hub id must already be in the local cache; pass a local directory instead."
-            if offline and not os.path.isdir(source)
+            if hub_offline() and not os.path.isdir(source)
             else ""
         )
         raise CausalLMLoadError(f"cannot load causal LM {source!r} (gguf_file={gguf_name!r}): {exc}.{hint}") from exc
@@ -194,19 +186,10 @@ def convert_embedded_smollm2(cache_root: str | os.PathLike) -> str:
     with _CACHE_LOCK:
         # Reuse a copy this process already holds; one loaded just for conversion is not kept.
         lm, tokenizer = _CACHE[key] if key in _CACHE else _load(source, gguf_name, "cpu", "float32")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with atomic_directory(target, complete=lambda t: (t / _COMPLETE_MARKER).is_file(), prefix=".converting-") as staging:
         _save_dequantized(lm, staging)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(SMOLLM2_GGUF_NAME + "\n")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / _COMPLETE_MARKER).is_file():  # not a concurrent writer winning the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return str(target)
 
 

@@ -1,13 +1,15 @@
-"""Helpers shared by the stage runners."""
+"""Helpers shared by the stage runners: which shards a global step reads, and what survived dedup."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from realsyn.storage import MissingOutputError, Storage
+from realsyn import layout
+from realsyn.decisions import kept_mask
+from realsyn.storage import Storage
 
 
 class MissingShardsError(RuntimeError):
@@ -25,19 +27,21 @@ def require_partitions(storage: Storage, asset: str, shards: Sequence[str]) -> l
     return list(shards)
 
 
-def table_or_empty(storage: Storage, asset: str, shard: str | None, name: str, schema: pa.Schema | None = None) -> pa.Table:
-    try:
-        return storage.reader(asset, shard).read_parquet(name)
-    except MissingOutputError:
-        if schema is None:
-            raise
-        return schema.empty_table()
+def dedup_kept_mask(storage: Storage, dedup_asset: str, shard: str) -> np.ndarray:
+    """Per row of the shard's embeddings: did it survive the global dedup?"""
+    return kept_mask(storage.reader(dedup_asset).read_parquet(layout.decisions_file(shard), columns=["kept"]))
 
 
-def batched(seq: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]
+def kept_image_embeddings(storage: Storage, shard: str) -> tuple[list[str], np.ndarray]:
+    """(image ids, float32 embeddings) of the shard's images that survived dedup."""
+    mask = dedup_kept_mask(storage, layout.IMAGE_DEDUP, shard)
+    reader = storage.reader(layout.IMAGE_EMBEDDINGS, shard)
+    ids = reader.read_parquet(layout.EMBEDDING_INDEX_FILE, columns=["image_id"]).column("image_id").filter(pa.array(mask)).to_pylist()
+    return ids, np.asarray(reader.read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32)[mask]
 
 
-def empty_embeddings(dim: int) -> np.ndarray:
-    return np.zeros((0, dim), dtype=np.float32)
+def kept_pair_ids(storage: Storage, shard: str) -> list[str]:
+    """Image ids whose pair passed the similarity band."""
+    from realsyn.decisions import kept_ids
+
+    return kept_ids(storage.reader(layout.FILTERED_PAIRS, shard).read_parquet(layout.DECISIONS_FILE, columns=["id", "kept"]))

@@ -1,7 +1,8 @@
 """Stage 4 and 5e: global dedup of images and sentences (exact, perceptual, semantic) with Union-Find.
 
 The index is global; queries run shard by shard; components are found over the edge list only.
-Output: per shard ``{shard}.parquet`` (id, kept, representative_id, reason) in one global generation.
+Output: per shard ``decisions/{shard}.parquet`` (``realsyn.decisions``; detail: the representative's
+id) in one global generation.
 """
 
 from __future__ import annotations
@@ -12,19 +13,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from realsyn import layout
+from realsyn.decisions import decision_table
 from realsyn.stages.common import require_partitions
-from realsyn.stages.embed import IMAGE_EMBEDDINGS, SENTENCE_EMBEDDINGS
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
 log = logging.getLogger("realsyn")
 
-IMAGE_DEDUP = "image_dedup"
-SENTENCE_DEDUP = "sentence_dedup"
+IMAGE_EMBEDDINGS, SENTENCE_EMBEDDINGS = layout.IMAGE_EMBEDDINGS, layout.SENTENCE_EMBEDDINGS
 
 
 def _model_info(storage: Storage, asset: str, shard: str) -> dict:
-    return storage.reader(asset, shard).read_json("model.json")
+    return storage.reader(asset, shard).read_json(layout.MODEL_FILE)
 
 
 def _semantic_edges(storage: Storage, asset: str, shards: Sequence[str], threshold: float, index_factory: str, stats: StepStats) -> np.ndarray:
@@ -37,13 +38,13 @@ def _semantic_edges(storage: Storage, asset: str, shards: Sequence[str], thresho
 
         sample = ReservoirSample(capacity=100_000, dim=dim, seed=0)
         for s in shards:
-            sample.add(np.asarray(storage.reader(asset, s).read_numpy("embeddings.npy")))
+            sample.add(np.asarray(storage.reader(asset, s).read_numpy(layout.EMBEDDINGS_FILE)))
         index.train(sample.array())
     for s in shards:
-        index.add(np.asarray(storage.reader(asset, s).read_numpy("embeddings.npy"), dtype=np.float32))
+        index.add(np.asarray(storage.reader(asset, s).read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32))
     edges, offset = [], 0
     for s in shards:
-        q = np.asarray(storage.reader(asset, s).read_numpy("embeddings.npy"), dtype=np.float32)
+        q = np.asarray(storage.reader(asset, s).read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32)
         edges.append(index.edges(q, offset))
         offset += len(q)
     out = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
@@ -57,19 +58,9 @@ def _write_decisions(storage: Storage, asset: str, shards: Sequence[str], sizes:
         for s, n in zip(shards, sizes):
             sl = slice(offset, offset + n)
             r = reps[sl]
-            w.write_parquet(
-                f"{s}.parquet",
-                pa.table(
-                    {
-                        "id": pa.array(ids[sl], pa.string()),
-                        "kept": pa.array(r == np.arange(offset, offset + n)),
-                        "representative_id": pa.array([ids[j] for j in r], pa.string()),
-                        "reason": pa.array(reasons[sl], pa.string()),
-                    }
-                ),
-            )
+            w.write_parquet(layout.decisions_file(s), decision_table(ids[sl], reasons[sl], [ids[j] for j in r]))
             offset += n
-        w.write_json("summary.json", info)
+        w.write_json(layout.SUMMARY_FILE, info)
 
 
 def _semantic_threshold(storage: Storage, asset: str, shards: Sequence[str], threshold: float | None, on_random_weights: bool) -> float | None:
@@ -85,7 +76,7 @@ def _semantic_threshold(storage: Storage, asset: str, shards: Sequence[str], thr
 
 def _read_index(storage: Storage, asset: str, shards: Sequence[str]) -> tuple[list[str], list[pa.Table], list[int]]:
     shards = require_partitions(storage, asset, shards)
-    tables = [storage.reader(asset, s).read_parquet("index.parquet") for s in shards]
+    tables = [storage.reader(asset, s).read_parquet(layout.EMBEDDING_INDEX_FILE) for s in shards]
     return shards, tables, [t.num_rows for t in tables]
 
 
@@ -111,7 +102,7 @@ def _decide(storage: Storage, asset: str, shards: Sequence[str], sizes: list[int
 def dedup_images(storage: Storage, shards: Sequence[str], *, exact: bool = True, perceptual_max_distance: int | None = 6, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
     from realsyn.dedup import exact_duplicate_edges, hamming_edges
 
-    stats = StepStats(IMAGE_DEDUP)
+    stats = StepStats(layout.IMAGE_DEDUP)
     with stats.timed():
         shards, tables, sizes = _read_index(storage, IMAGE_EMBEDDINGS, shards)
         ids, sha = _column(tables, "image_id"), _column(tables, "sha256")
@@ -136,14 +127,14 @@ def dedup_images(storage: Storage, shards: Sequence[str], *, exact: bool = True,
 
         # the largest image of a duplicate group represents it
         info = {"semantic_threshold": threshold, "perceptual_max_distance": perceptual_max_distance, "exact": exact}
-        _decide(storage, IMAGE_DEDUP, shards, sizes, ids, edges, pixels, reason_of, stats, info)
+        _decide(storage, layout.IMAGE_DEDUP, shards, sizes, ids, edges, pixels, reason_of, stats, info)
     return stats
 
 
 def dedup_sentences(storage: Storage, shards: Sequence[str], *, exact: bool = True, normalized: bool = True, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
     from realsyn.dedup import exact_duplicate_edges
 
-    stats = StepStats(SENTENCE_DEDUP)
+    stats = StepStats(layout.SENTENCE_DEDUP)
     with stats.timed():
         shards, tables, sizes = _read_index(storage, SENTENCE_EMBEDDINGS, shards)
         ids, sha, norm = _column(tables, "sentence_id"), _column(tables, "text_sha"), _column(tables, "norm_key")
@@ -161,9 +152,6 @@ def dedup_sentences(storage: Storage, shards: Sequence[str], *, exact: bool = Tr
 
         # the first occurrence represents its group
         info = {"semantic_threshold": threshold, "exact": exact, "normalized": normalized}
-        _decide(storage, SENTENCE_DEDUP, shards, sizes, ids, edges, None, reason_of, stats, info)
+        _decide(storage, layout.SENTENCE_DEDUP, shards, sizes, ids, edges, None, reason_of, stats, info)
     return stats
 
-
-def kept_mask(storage: Storage, dedup_asset: str, shard: str) -> np.ndarray:
-    return storage.reader(dedup_asset).read_parquet(f"{shard}.parquet", columns=["kept"]).column("kept").to_numpy(zero_copy_only=False)

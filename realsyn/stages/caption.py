@@ -9,41 +9,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from realsyn.stages.common import batched
-from realsyn.stages.dedup import IMAGE_DEDUP, kept_mask
-from realsyn.stages.embed import IMAGE_EMBEDDINGS
-from realsyn.stages.retrieve import RETRIEVALS
+from realsyn import layout
+from realsyn.decisions import decision_table
+from realsyn.io import batched
+from realsyn.plugins.kinds import Embedder, GenerationBackend, Tagger
+from realsyn.stages.common import kept_image_embeddings
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
 log = logging.getLogger("realsyn")
 
-SYNTHETIC_CAPTIONS = "synthetic_captions"
-FILTERED_PAIRS = "filtered_pairs"
-CACHE_DIR = "_cache/synthetic_captions"
-
-
-def _kept_image_embeddings(storage: Storage, shard: str) -> tuple[list[str], np.ndarray]:
-    mask = kept_mask(storage, IMAGE_DEDUP, shard)
-    reader = storage.reader(IMAGE_EMBEDDINGS, shard)
-    ids = reader.read_parquet("index.parquet", columns=["image_id"]).column("image_id").filter(pa.array(mask)).to_pylist()
-    return ids, np.asarray(reader.read_numpy("embeddings.npy"), dtype=np.float32)[mask]
-
 
 def _load_cache(storage: Storage, shard: str):
     from realsyn.generation.cache import CaptionCache
 
-    rel = f"{CACHE_DIR}/{shard}.parquet"
+    rel = f"{layout.CAPTION_CACHE_DIR}/{shard}.parquet"
     return CaptionCache.from_table(pq.read_table(io.BytesIO(storage.read_file(rel))) if storage.exists(rel) else None)
 
 
 def _save_cache(storage: Storage, shard: str, cache) -> None:
     buf = io.BytesIO()
     pq.write_table(cache.to_table(), buf)
-    storage.write_file(f"{CACHE_DIR}/{shard}.parquet", buf.getvalue())
+    storage.write_file(f"{layout.CAPTION_CACHE_DIR}/{shard}.parquet", buf.getvalue())
 
 
-def generate_captions(storage: Storage, shard: str, backend, *, instruction: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8, tagger=None, embedder=None) -> StepStats:
+def generate_captions(storage: Storage, shard: str, backend: GenerationBackend, *, instruction: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8, tagger: Tagger | None = None, embedder: Embedder | None = None) -> StepStats:
     """One synthetic caption per image fused from its retrieved texts (and tags when a tagger is set).
 
     Finished captions are cached by (image_id, prompt hash) under ``_cache/``, persisted after every
@@ -52,14 +42,14 @@ def generate_captions(storage: Storage, shard: str, backend, *, instruction: str
     from realsyn.generation.cache import generate_with_cache
     from realsyn.generation.prompts import DEFAULT_FUSION_INSTRUCTION, build_fusion_messages, prompt_sha
 
-    stats = StepStats(SYNTHETIC_CAPTIONS)
+    stats = StepStats(layout.SYNTHETIC_CAPTIONS)
     with stats.timed():
-        retrievals = storage.reader(RETRIEVALS, shard).read_parquet("retrievals.parquet")
+        retrievals = storage.reader(layout.RETRIEVALS, shard).read_parquet(layout.RETRIEVALS_FILE)
         image_ids = retrievals.column("image_id").to_pylist()
         texts = retrievals.column("texts").to_pylist()
         tags: list[list[str] | None] = [None] * len(image_ids)
         if tagger is not None:
-            ids, emb = _kept_image_embeddings(storage, shard)
+            ids, emb = kept_image_embeddings(storage, shard)
             by_id = dict(zip(ids, range(len(ids))))
             if embedder is not None:
                 tagger.fit(embedder.embed_texts)
@@ -91,19 +81,19 @@ def generate_captions(storage: Storage, shard: str, backend, *, instruction: str
             }
         )
         stats.add("rows_out", table.num_rows)
-        with storage.writer(SYNTHETIC_CAPTIONS, shard) as w:
-            w.write_parquet("captions.parquet", table)
+        with storage.writer(layout.SYNTHETIC_CAPTIONS, shard) as w:
+            w.write_parquet(layout.CAPTIONS_FILE, table)
     return stats
 
 
-def filter_pairs(storage: Storage, shard: str, embedder, *, low: float | None = None, high: float | None = None) -> StepStats:
+def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float | None = None, high: float | None = None) -> StepStats:
     """Cosine between each image and its synthetic caption; drop pairs outside the band."""
     from realsyn.similarity import band_reasons, default_band, pair_cosine
 
-    stats = StepStats(FILTERED_PAIRS)
+    stats = StepStats(layout.FILTERED_PAIRS)
     with stats.timed():
-        captions = storage.reader(SYNTHETIC_CAPTIONS, shard).read_parquet("captions.parquet", columns=["image_id", "synthetic_caption", "status"])
-        ids, emb = _kept_image_embeddings(storage, shard)
+        captions = storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption", "status"])
+        ids, emb = kept_image_embeddings(storage, shard)
         by_id = dict(zip(ids, range(len(ids))))
         cap_ids = captions.column("image_id").to_pylist()
         img = emb[[by_id[i] for i in cap_ids]] if cap_ids else np.zeros((0, emb.shape[1]), np.float32)
@@ -122,8 +112,9 @@ def filter_pairs(storage: Storage, shard: str, embedder, *, low: float | None = 
         stats.add("rows_in", len(cap_ids))
         stats.add("rows_out", int(keep.sum()))
         stats.drop_reasons(reasons)
-        table = pa.table({"image_id": pa.array(cap_ids, pa.string()), "similarity": pa.array(sim, pa.float32()), "kept": pa.array(keep), "reason": pa.array(reasons, pa.string())})
-        with storage.writer(FILTERED_PAIRS, shard) as w:
-            w.write_parquet("pairs.parquet", table)
-            w.write_json("band.json", {"low": low, "high": high, "model_id": embedder.model_id})
+        with storage.writer(layout.FILTERED_PAIRS, shard) as w:
+            # scores kept apart from the band that judged them
+            w.write_parquet(layout.SIMILARITY_FILE, pa.table({"image_id": pa.array(cap_ids, pa.string()), "similarity": pa.array(sim, pa.float32())}))
+            w.write_parquet(layout.DECISIONS_FILE, decision_table(cap_ids, reasons, [f"{float(x):.4f}" for x in sim]))
+            w.write_json(layout.BAND_FILE, {"low": low, "high": high, "model_id": embedder.model_id})
     return stats

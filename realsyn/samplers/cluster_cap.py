@@ -1,55 +1,15 @@
-"""Split samplers: a global ``fit`` that keeps only compact state, then a per-shard ``select``.
-
-State is a dict of small numpy arrays (saved as .npz, no pickle), so the selection of one shard
-never needs another shard. Random draws are hash-based per row id, so a row's fate does not
-depend on shard order or batching.
-"""
+"""RealSyn's semantic balanced sampling: at most ``cap`` rows per image cluster."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 
+from realsyn.plugins.kinds import Sampler
+from realsyn.samplers import uniform_keys
 from realsyn.stats import StepStats
-
-
-class SplitSampler(Protocol):
-    name: str
-    required_columns: tuple[str, ...]
-
-    def fit(self, batches: Iterable[pa.Table]) -> dict[str, np.ndarray]:
-        """Global pass over the required columns; returns small numpy arrays only."""
-        ...
-
-    def select(self, batch: pa.Table, state: dict[str, np.ndarray]) -> np.ndarray:
-        """Bool keep-mask, one entry per row of ``batch``."""
-        ...
-
-
-def uniform_keys(ids: Sequence[str], seed: int) -> np.ndarray:
-    """float64 in [0, 1) per id: the top 53 bits of blake2b(f"{seed}:{id}")."""
-    out = np.empty(len(ids), dtype=np.float64)
-    for i, row_id in enumerate(ids):
-        digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
-        out[i] = (int.from_bytes(digest, "big") >> 11) * 2.0**-53
-    return out
-
-
-def state_to_npz(state: dict[str, np.ndarray]) -> bytes:
-    """Sampler state as .npz bytes (no pickled objects)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{name: np.asarray(value) for name, value in state.items()})
-    return buf.getvalue()
-
-
-def state_from_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
 
 
 def _column(batch: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
@@ -57,7 +17,7 @@ def _column(batch: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-class ClusterCapSampler:
+class ClusterCapSampler(Sampler):
     """RealSyn's semantic balanced sampling: at most ``cap`` random rows per cluster.
 
     Clusters larger than ``cap`` keep exactly ``cap`` rows (those with the smallest hash keys),
@@ -116,20 +76,21 @@ class ClusterCapSampler:
         threshold[group_clusters[sel]] = group_max[sel]
         return {"threshold": threshold, "counts": counts}
 
-    def select(self, batch: pa.Table, state: dict[str, np.ndarray]) -> np.ndarray:
+    def reasons(self, batch: pa.Table, state: dict[str, np.ndarray]) -> list[str | None]:
         threshold = np.asarray(state["threshold"], dtype=np.float64)
         valid, keys, clusters = self._keys_and_clusters(batch)
-        self.stats.drop("null_image_id_or_cluster", int((~valid).sum()))
-        mask = np.zeros(len(valid), dtype=bool)
+        reasons: np.ndarray = np.full(len(valid), "null_image_id_or_cluster", dtype=object)
         fitted = clusters < len(threshold)
         # A cluster the fit never saw means the input changed since fitting.
-        self.stats.drop("cluster_not_fitted", int((~fitted).sum()))
         keep_valid = np.zeros(len(clusters), dtype=bool)
         keep_valid[fitted] = keys[fitted] <= threshold[clusters[fitted]]
-        mask[np.nonzero(valid)[0]] = keep_valid
-        self.stats.add("selected", int(mask.sum()))
+        valid_reasons = np.where(fitted, np.where(keep_valid, None, "over_cap"), "cluster_not_fitted")
+        reasons[np.nonzero(valid)[0]] = valid_reasons
+        self.stats.drop("null_image_id_or_cluster", int((~valid).sum()))
+        self.stats.drop("cluster_not_fitted", int((~fitted).sum()))
+        self.stats.add("selected", int(keep_valid.sum()))
         self.stats.drop("over_cap", int(fitted.sum() - keep_valid.sum()))
-        return mask
+        return reasons.tolist()
 
 
 def _grow(counts: np.ndarray, size: int) -> np.ndarray:

@@ -1,9 +1,14 @@
-"""Stage 1: find input shards and stream interleaved documents (OBELICS layout) out of them.
+"""What every input reader shares: the ``Document``, shard discovery and keys, and row streaming.
 
 A document is two parallel lists: ``images[i]`` (URL, local/S3 path, bytes, or None where the
 slot is text) and ``texts[i]`` (paragraph, or None where the slot is an image). Shards are
 Parquet, JSONL or gzipped JSONL, on a local disk or S3. A relative image path is resolved
 against the shard's own folder, so a corpus can ship its image files beside its shards.
+
+A reader (``realsyn.readers.obelics``, ``realsyn.readers.mmc4``) only says how one row becomes a
+``Document``; ``stream_documents`` does the rest: rows one batch / line at a time (never the
+whole shard), ``documents_in`` counted per row, a row that is not a JSON object or that the reader
+rejects skipped and counted as ``dropped_malformed_document``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +30,7 @@ from realsyn.storage import filesystem_for
 
 SHARD_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl.gz", ".jsonl")
 ID_COLUMNS: tuple[str, ...] = ("id", "doc_id", "document_id", "url")
-# Columns OBELICS stores as JSON strings; parsed into the metadata dict when they parse.
-JSON_METADATA_COLUMNS: tuple[str, ...] = ("metadata", "general_metadata")
+MALFORMED_DOCUMENT = "malformed_document"
 MAX_KEY_LENGTH = 120
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -44,7 +48,7 @@ class NoShardsError(FileNotFoundError):
     """The input location holds no readable shard."""
 
 
-def _shard_suffix(path: str) -> str | None:
+def shard_suffix(path: str) -> str | None:
     lower = path.lower()
     for suffix in SHARD_SUFFIXES:
         if lower.endswith(suffix):
@@ -52,7 +56,7 @@ def _shard_suffix(path: str) -> str | None:
     return None
 
 
-def _protocol_prefix(uri: str) -> str:
+def protocol_prefix(uri: str) -> str:
     """``s3://`` for remote URIs, '' for local paths (``file://`` included)."""
     if "://" not in uri:
         return ""
@@ -67,9 +71,9 @@ def list_input_shards(input_uri: str) -> list[str]:
     Returns full URIs (``s3://...`` for S3, absolute paths locally).
     """
     fs, root = filesystem_for(input_uri)
-    prefix = _protocol_prefix(input_uri)
+    prefix = protocol_prefix(input_uri)
     if fs.isfile(root):
-        if _shard_suffix(root) is None:
+        if shard_suffix(root) is None:
             raise NoShardsError(f"{input_uri} is not a *.parquet, *.jsonl or *.jsonl.gz file")
         return [prefix + root]
     if not fs.isdir(root):
@@ -80,7 +84,7 @@ def list_input_shards(input_uri: str) -> list[str]:
         rel = path[len(root) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
-        if _shard_suffix(path) is not None:
+        if shard_suffix(path) is not None:
             shards.append(prefix + path)
     if not shards:
         raise NoShardsError(f"no *.parquet, *.jsonl or *.jsonl.gz files under {input_uri}")
@@ -102,7 +106,7 @@ def shard_key(shard_uri: str, input_uri: str) -> str:
         rel = shard_path[len(root) + 1 :]
     else:
         raise ValueError(f"shard {shard_uri} is not under input {input_uri}")
-    suffix = _shard_suffix(rel)
+    suffix = shard_suffix(rel)
     stem = rel[: -len(suffix)] if suffix else rel
     key = _KEY_UNSAFE.sub("_", stem.replace("/", "__"))
     if key != stem.replace("/", "__") or len(key) > MAX_KEY_LENGTH or not key:
@@ -113,12 +117,12 @@ def shard_key(shard_uri: str, input_uri: str) -> str:
 
 def _shard_stem(shard_path: str) -> str:
     name = posixpath.basename(shard_path)
-    suffix = _shard_suffix(name)
+    suffix = shard_suffix(name)
     return name[: -len(suffix)] if suffix else name
 
 
-def _resolve_image_ref(ref: Any, shard_dir_uri: str) -> Any:
-    """Normalize one image slot: bytes stay bytes, relative paths become paths beside the shard."""
+def resolve_image_ref(ref: Any, base_dir_uri: str) -> Any:
+    """Normalize one image slot: bytes stay bytes, relative paths become paths under ``base_dir_uri``."""
     if ref is None or isinstance(ref, bytes):
         return ref
     if isinstance(ref, (bytearray, memoryview)):
@@ -128,77 +132,48 @@ def _resolve_image_ref(ref: Any, shard_dir_uri: str) -> Any:
         return None
     if _URL_SCHEME.match(ref) or ref.startswith("data:") or os.path.isabs(ref):
         return ref
-    if "://" in shard_dir_uri:
-        return posixpath.join(shard_dir_uri, ref)
-    return os.path.normpath(os.path.join(shard_dir_uri, ref))
+    if "://" in base_dir_uri:
+        return posixpath.join(base_dir_uri, ref)
+    return os.path.normpath(os.path.join(base_dir_uri, ref))
 
 
-def _valid_slot_list(value: Any, allowed: tuple[type, ...]) -> bool:
-    return isinstance(value, list) and all(v is None or isinstance(v, allowed) for v in value)
-
-
-def _parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
-    metadata = {}
-    for key, value in row.items():
-        if key in ("images", "texts"):
-            continue
-        if key in JSON_METADATA_COLUMNS and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass  # keep the raw string: metadata is informational
-        metadata[key] = value
-    return metadata
-
-
-class _DocumentBuilder:
-    """Turns raw rows of one shard into Documents; counts and skips malformed rows."""
+class ShardContext:
+    """One shard as a reader sees it while converting rows: its stem, folder, and the doc ids so far."""
 
     def __init__(self, shard_uri: str, stats: StepStats):
-        prefix = _protocol_prefix(shard_uri)
+        prefix = protocol_prefix(shard_uri)
         _, path = filesystem_for(shard_uri)
+        self.shard_uri = shard_uri
         self.stem = _shard_stem(path)
         self.shard_dir_uri = prefix + posixpath.dirname(path) if prefix else os.path.dirname(path)
         self.stats = stats
-        self.row_index = 0
         self.seen_ids: set[str] = set()
 
-    def build(self, row: Any) -> Document | None:
-        index = self.row_index
-        self.row_index += 1
-        self.stats.add("documents_in")
-        if not isinstance(row, dict):
-            self.stats.drop("malformed_document")
-            return None
-        images, texts = row.get("images"), row.get("texts")
-        if (
-            not _valid_slot_list(images, (str, bytes, bytearray, memoryview))
-            or not _valid_slot_list(texts, (str,))
-            or len(images) != len(texts)
-        ):
-            self.stats.drop("malformed_document")
-            return None
-        doc_id = next((str(row[c]) for c in ID_COLUMNS if row.get(c) not in (None, "")), f"{self.stem}-{index}")
+    def resolve(self, ref: Any) -> Any:
+        """An image reference with a relative path resolved beside the shard (see ``resolve_image_ref``)."""
+        return resolve_image_ref(ref, self.shard_dir_uri)
+
+    def doc_id(self, row: dict[str, Any], index: int, columns: tuple[str, ...] = ID_COLUMNS) -> str:
+        """The first non-empty id column, else ``{stem}-{index}``; made unique within the shard.
+
+        image_id / sentence_id embed the doc id, so a repeated id becomes ``{id}~{index}`` (counted
+        as ``renamed_duplicate_doc_id``). Call it only for a row that becomes a document.
+        """
+        doc_id = next((str(row[c]) for c in columns if row.get(c) not in (None, "")), f"{self.stem}-{index}")
         if doc_id in self.seen_ids:
-            # image_id / sentence_id embed the doc id, so it must be unique within the shard.
             doc_id = f"{doc_id}~{index}"
             self.stats.add("renamed_duplicate_doc_id")
         self.seen_ids.add(doc_id)
-        return Document(
-            doc_id=doc_id,
-            images=[_resolve_image_ref(ref, self.shard_dir_uri) for ref in images],
-            texts=list(texts),
-            metadata=_parse_metadata(row),
-        )
+        return doc_id
+
+
+_MALFORMED = object()
 
 
 def _iter_parquet_rows(fs: Any, path: str, batch_size: int) -> Iterator[dict[str, Any]]:
     with fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
             yield from batch.to_pylist()
-
-
-_MALFORMED = object()
 
 
 def _iter_jsonl_rows(fs: Any, path: str, gzipped: bool) -> Iterator[Any]:
@@ -213,15 +188,33 @@ def _iter_jsonl_rows(fs: Any, path: str, gzipped: bool) -> Iterator[Any]:
                 yield _MALFORMED
 
 
-def iter_documents(shard_uri: str, stats: StepStats, batch_size: int = 256) -> Iterator[Document]:
-    """Stream the documents of one shard; malformed rows are skipped and counted."""
+def iter_shard_rows(shard_uri: str, batch_size: int = 256) -> Iterator[Any]:
+    """The raw rows of one shard, streamed: Parquet ``batch_size`` rows at a time, JSONL line by line.
+
+    Blank JSONL lines are not rows; a line that is not JSON (or not UTF-8) comes out as ``None``.
+    """
     fs, path = filesystem_for(shard_uri)
-    suffix = _shard_suffix(path)
+    suffix = shard_suffix(path)
     if suffix is None:
         raise ValueError(f"unsupported shard format: {shard_uri} (expected .parquet, .jsonl or .jsonl.gz)")
     rows = _iter_parquet_rows(fs, path, batch_size) if suffix == ".parquet" else _iter_jsonl_rows(fs, path, suffix == ".jsonl.gz")
-    builder = _DocumentBuilder(shard_uri, stats)
     for row in rows:
-        doc = builder.build(None if row is _MALFORMED else row)
-        if doc is not None:
-            yield doc
+        yield None if row is _MALFORMED else row
+
+
+RowConverter = Callable[[dict[str, Any], int, ShardContext], "Document | None"]
+
+
+def stream_documents(shard_uri: str, stats: StepStats, convert: RowConverter, batch_size: int = 256) -> Iterator[Document]:
+    """Stream the documents of one shard: ``convert(row, row_index, shard)`` turns a dict row into a
+    ``Document`` or returns None for a malformed one. Counts ``documents_in`` for every row and
+    ``dropped_malformed_document`` for rows that are not objects or that ``convert`` rejects.
+    """
+    shard = ShardContext(shard_uri, stats)
+    for index, row in enumerate(iter_shard_rows(shard_uri, batch_size)):
+        stats.add("documents_in")
+        doc = convert(row, index, shard) if isinstance(row, dict) else None
+        if doc is None:
+            stats.drop(MALFORMED_DOCUMENT)
+            continue
+        yield doc

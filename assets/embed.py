@@ -1,0 +1,46 @@
+"""Embed stage: per-shard CLIP embeddings of the kept images and sentences (GPU steps in production)."""
+
+import dagster as dg
+
+from assets.execution import GPU_BACKFILL, GPU_POOL, GPU_STEP_TAGS
+from assets.metadata import merged, stats_metadata
+from assets.partitions import shard_partitions
+from realsyn import layout
+from realsyn.stages import embed as stage
+from resources import EmbedderResource, StorageResource
+
+
+def _model_metadata(embedder) -> dict:
+    return {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights}
+
+
+@dg.asset(
+    deps=[layout.FILTERED_IMAGES],
+    partitions_def=shard_partitions,
+    group_name=layout.EMBED,
+    op_tags=GPU_STEP_TAGS,
+    pool=GPU_POOL,
+    backfill_policy=GPU_BACKFILL,
+    description="L2-normalised CLIP image embeddings (NumPy) aligned with index.parquet (image_id, sha256, pHash, pixels).",
+)
+def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
+    model = embedder.get()
+    if model.random_weights:
+        context.log.warning(f"CLIP weights unavailable: embedding with random weights ({model.model_id}); retrieval and similarity are not semantic")
+    stats = [stage.embed_images(storage.get(), shard, model) for shard in context.partition_keys]
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.IMAGE_EMBEDDINGS)))
+
+
+@dg.asset(
+    deps=[layout.FILTERED_SENTENCES],
+    partitions_def=shard_partitions,
+    group_name=layout.EMBED,
+    op_tags=GPU_STEP_TAGS,
+    pool=GPU_POOL,
+    backfill_policy=GPU_BACKFILL,
+    description="L2-normalised CLIP text embeddings aligned with index.parquet (sentence_id, exact and normalised text keys).",
+)
+def sentence_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
+    model = embedder.get()
+    stats = [stage.embed_sentences(storage.get(), shard, model) for shard in context.partition_keys]
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.SENTENCE_EMBEDDINGS)))

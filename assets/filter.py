@@ -1,0 +1,79 @@
+"""Filter stage: image filters, sentence filters, perplexity scoring and its band (per shard)."""
+
+import dagster as dg
+
+from assets.configs import ImageFilterConfig, PerplexityBandConfig, SentenceFilterConfig
+from assets.execution import CPU_STEP_TAGS, GPU_BACKFILL, GPU_POOL, GPU_STEP_TAGS
+from assets.metadata import merged, stats_metadata
+from assets.partitions import shard_partitions
+from realsyn import layout
+from realsyn.stages import filter as stage
+from resources import PerplexityScorerResource, StorageResource
+
+
+def _filters(kind: str, configs) -> list:
+    from realsyn.plugins import build_plugin
+
+    return [build_plugin(kind, c.spec()) for c in configs]
+
+
+@dg.asset(
+    deps=[layout.IMAGE_DB],
+    partitions_def=shard_partitions,
+    group_name=layout.FILTER,
+    op_tags=CPU_STEP_TAGS,
+    description="Images kept by the image filters (rules: short side, aspect ratio; undecodable and unfetchable dropped), plus decisions.parquet with each reason.",
+)
+def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
+    filters = _filters("image_filter", config.filters)
+    stats = [stage.filter_images(storage.get(), shard, filters) for shard in context.partition_keys]
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.FILTERED_IMAGES)))
+
+
+@dg.asset(
+    deps=[layout.SENTENCE_DB],
+    partitions_def=shard_partitions,
+    group_name=layout.FILTER,
+    op_tags=CPU_STEP_TAGS,
+    description="Sentences kept by the sentence filters (rules: emoji, URL, 3..81 words; CAT: complexity >= C1 with an action), plus decisions.parquet.",
+)
+def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
+    filters = _filters("sentence_filter", config.filters)
+    stats = [stage.filter_sentence_candidates(storage.get(), shard, filters) for shard in context.partition_keys]
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.SENTENCE_CANDIDATES)))
+
+
+@dg.asset(
+    deps=[layout.SENTENCE_CANDIDATES],
+    partitions_def=shard_partitions,
+    group_name=layout.FILTER,
+    op_tags=GPU_STEP_TAGS,
+    pool=GPU_POOL,
+    backfill_policy=GPU_BACKFILL,
+    description="Language-model perplexity of each candidate sentence, stored as a column (a band change never rescores).",
+)
+def sentence_perplexity(context: dg.AssetExecutionContext, storage: StorageResource, perplexity: PerplexityScorerResource) -> dg.MaterializeResult:
+    scorer = perplexity.get()
+    stats = [stage.score_sentence_perplexity(storage.get(), shard, scorer) for shard in context.partition_keys]
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), scorer=scorer.model_id if scorer else "disabled", path=storage.get().uri(layout.SENTENCE_PERPLEXITY)))
+
+
+@dg.asset(
+    deps=[layout.SENTENCE_PERPLEXITY],
+    partitions_def=shard_partitions,
+    group_name=layout.FILTER,
+    op_tags=CPU_STEP_TAGS,
+    description="Sentences whose perplexity lies in the band (paper: [30, 200] for its model; per scorer), plus decisions.parquet.",
+)
+def filtered_sentences(context: dg.AssetExecutionContext, config: PerplexityBandConfig, storage: StorageResource, perplexity: PerplexityScorerResource) -> dg.MaterializeResult:
+    band = None
+    if perplexity.enabled:
+        from realsyn.filters.perplexity_band import PerplexityBandFilter, default_band
+
+        low, high = default_band(perplexity.resolved_params().get("model"))
+        band = PerplexityBandFilter(low=config.low if config.low is not None else low, high=config.high if config.high is not None else high)
+    else:
+        context.log.warning("perplexity scorer disabled: the perplexity band is skipped")
+    stats = [stage.filter_sentences_by_perplexity(storage.get(), shard, band) for shard in context.partition_keys]
+    extra = {"band_low": band.low, "band_high": band.high} if band else {"band": "disabled"}
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), **extra, path=storage.get().uri(layout.FILTERED_SENTENCES)))

@@ -1,0 +1,108 @@
+"""Where every asset lives: its key, its stage (asset group), its file names and shared schemas.
+
+The stage runners, the Dagster assets (``deps``, jobs, checks) and the summary all name assets and
+files through this module, so renaming one is one edit. Per-shard assets live under
+``{root}/{asset}/{shard}/``, global ones under ``{root}/{asset}/_global/`` (see ``realsyn.storage``).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Stages, in data-flow order: each is one core module ``realsyn/stages/<stage>.py``, one Dagster
+# module ``assets/<stage>.py`` and one asset group.
+INGEST, FILTER, EMBED, DEDUP, CLUSTER, RETRIEVE, CAPTION, SAMPLE, EXPORT = STAGES = (
+    "ingest", "filter", "embed", "dedup", "cluster", "retrieve", "caption", "sample", "export",
+)
+
+# Asset keys.
+SOURCE_DOCUMENTS = "source_documents"
+IMAGE_DB = "image_db"
+SENTENCE_DB = "sentence_db"
+FILTERED_IMAGES = "filtered_images"
+SENTENCE_CANDIDATES = "sentence_candidates"
+SENTENCE_PERPLEXITY = "sentence_perplexity"
+FILTERED_SENTENCES = "filtered_sentences"
+IMAGE_EMBEDDINGS = "image_embeddings"
+SENTENCE_EMBEDDINGS = "sentence_embeddings"
+IMAGE_DEDUP = "image_dedup"
+SENTENCE_DEDUP = "sentence_dedup"
+SENTENCE_CLUSTERS = "sentence_clusters"
+IMAGE_CLUSTERS = "image_clusters"
+RETRIEVALS = "retrievals"
+SYNTHETIC_CAPTIONS = "synthetic_captions"
+FILTERED_PAIRS = "filtered_pairs"
+SAMPLED_SPLITS = "sampled_splits"
+EXPORTED_SPLITS = "exported_splits"
+
+STAGE_OF: dict[str, str] = {
+    SOURCE_DOCUMENTS: INGEST,
+    IMAGE_DB: INGEST,
+    SENTENCE_DB: INGEST,
+    FILTERED_IMAGES: FILTER,
+    SENTENCE_CANDIDATES: FILTER,
+    SENTENCE_PERPLEXITY: FILTER,
+    FILTERED_SENTENCES: FILTER,
+    IMAGE_EMBEDDINGS: EMBED,
+    SENTENCE_EMBEDDINGS: EMBED,
+    IMAGE_DEDUP: DEDUP,
+    SENTENCE_DEDUP: DEDUP,
+    SENTENCE_CLUSTERS: CLUSTER,
+    IMAGE_CLUSTERS: CLUSTER,
+    RETRIEVALS: RETRIEVE,
+    SYNTHETIC_CAPTIONS: CAPTION,
+    FILTERED_PAIRS: CAPTION,
+    SAMPLED_SPLITS: SAMPLE,
+    EXPORTED_SPLITS: EXPORT,
+}
+
+# The graph runs as four jobs in data-flow order: per shard, global, per shard, global.
+PREPARE_SHARDS = (IMAGE_DB, SENTENCE_DB, FILTERED_IMAGES, SENTENCE_CANDIDATES, SENTENCE_PERPLEXITY, FILTERED_SENTENCES, IMAGE_EMBEDDINGS, SENTENCE_EMBEDDINGS)
+DEDUP_AND_CLUSTER = (IMAGE_DEDUP, SENTENCE_DEDUP, SENTENCE_CLUSTERS)
+CAPTION_SHARDS = (RETRIEVALS, SYNTHETIC_CAPTIONS, FILTERED_PAIRS)
+SAMPLE_AND_EXPORT = (IMAGE_CLUSTERS, SAMPLED_SPLITS, EXPORTED_SPLITS)
+
+# File names inside an asset's generation folder.
+IMAGES_FILE = "images.parquet"  # image_db, filtered_images
+SENTENCES_FILE = "sentences.parquet"  # sentence_db, sentence_candidates, sentence_perplexity, filtered_sentences
+DECISIONS_FILE = "decisions.parquet"  # every step that drops anything (per shard)
+DECISIONS_DIR = "decisions"  # global steps: decisions/{shard}.parquet
+EMBEDDINGS_FILE = "embeddings.npy"
+EMBEDDING_INDEX_FILE = "index.parquet"  # rows aligned with embeddings.npy
+MODEL_FILE = "model.json"  # which model made the embeddings
+SUMMARY_FILE = "summary.json"
+CENTROIDS_FILE = "centroids.npy"
+CLUSTER_COUNTS_FILE = "counts.npy"
+ASSIGNMENTS_DIR = "assignments"  # assignments/{shard}.parquet
+CLUSTER_LAYOUT_FILE = "clusters.parquet"  # sentence bank: cluster -> (part, start, end)
+RETRIEVALS_FILE = "retrievals.parquet"
+CAPTIONS_FILE = "captions.parquet"
+SIMILARITY_FILE = "similarity.parquet"  # filtered_pairs: image_id, similarity (scores apart from the band)
+BAND_FILE = "band.json"
+SIZES_FILE = "sizes.json"  # exported split: tar name -> samples (open_clip reads it)
+CAPTION_CACHE_DIR = "_cache/synthetic_captions"  # {shard}.parquet, outside any generation: survives reruns
+
+# One keep/drop record for every step that drops anything (see realsyn.decisions).
+DECISION_SCHEMA = pa.schema([("id", pa.string()), ("kept", pa.bool_()), ("reason", pa.string()), ("detail", pa.string())])
+
+RETRIEVAL_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("sentence_ids", pa.list_(pa.string())), ("texts", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))]
+)
+
+
+def assignments_file(shard: str) -> str:
+    return f"{ASSIGNMENTS_DIR}/{shard}.parquet"
+
+
+def decisions_file(shard: str) -> str:
+    """A global step's decisions of one shard."""
+    return f"{DECISIONS_DIR}/{shard}.parquet"
+
+
+def split_selection_file(split: str, shard: str) -> str:
+    """sampled_splits: the samples of ``split`` chosen from ``shard`` (image_id, cluster)."""
+    return f"{split}/{shard}.parquet"
+
+
+def split_decisions_file(split: str, shard: str) -> str:
+    return f"{split}/{DECISIONS_DIR}/{shard}.parquet"
