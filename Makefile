@@ -11,7 +11,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 # the GGUF LLM is dequantized once and kept here as a plain HF directory (30-70 s saved per process)
 export REALSYN_MODEL_CACHE := $(CURDIR)/.model_cache
 
-.PHONY: venv demo test ui bench clean
+.PHONY: venv demo test lint format ui bench clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,17 @@ demo: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/realsyn demo --out demo_output --dagster-home $(DAGSTER_HOME)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ruff (lint + format check), configured in pyproject.toml; `make format` applies both
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)

@@ -21,7 +21,13 @@ from resources import EmbedderResource, GenerationBackendResource, StorageResour
     backfill_policy=GPU_BACKFILL,
     description="One synthetic caption per image: an LLM fuses the retrieved real texts and the image's tags. Cached by (image, prompt) so reruns never regenerate.",
 )
-def synthetic_captions(context: dg.AssetExecutionContext, config: GenerationConfig, storage: StorageResource, generator: GenerationBackendResource, embedder: EmbedderResource) -> dg.MaterializeResult:
+def synthetic_captions(
+    context: dg.AssetExecutionContext,
+    config: GenerationConfig,
+    storage: StorageResource,
+    generator: GenerationBackendResource,
+    embedder: EmbedderResource,
+) -> dg.MaterializeResult:
     backend = generator.get()
     tagger, model = None, None
     if config.tagger is not None:
@@ -29,10 +35,24 @@ def synthetic_captions(context: dg.AssetExecutionContext, config: GenerationConf
 
         tagger, model = build_plugin("tagger", config.tagger.spec()), embedder.get()
     stats = [
-        stage.generate_captions(storage.get(), shard, backend, instruction=config.instruction, max_new_tokens=config.max_new_tokens, temperature=config.temperature, batch_size=config.batch_size, tagger=tagger, embedder=model)
+        stage.generate_captions(
+            storage.get(),
+            shard,
+            backend,
+            instruction=config.instruction,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            batch_size=config.batch_size,
+            tagger=tagger,
+            embedder=model,
+        )
         for shard in context.partition_keys
     ]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), backend=generator.name, model=backend.model_id, path=storage.get().uri(layout.SYNTHETIC_CAPTIONS)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(
+            merged(stats), backend=generator.name, model=backend.model_id, path=storage.get().uri(layout.SYNTHETIC_CAPTIONS)
+        )
+    )
 
 
 @dg.asset(
@@ -45,7 +65,9 @@ def synthetic_captions(context: dg.AssetExecutionContext, config: GenerationConf
     backfill_policy=GPU_BACKFILL,
     description="Image vs synthetic-caption cosine; pairs outside the band dropped (EVA02-CLIP E/14-plus: 0.51..0.61), decisions.parquet with each cosine.",
 )
-def filtered_pairs(context: dg.AssetExecutionContext, config: SimilarityBandConfig, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
+def filtered_pairs(
+    context: dg.AssetExecutionContext, config: SimilarityBandConfig, storage: StorageResource, embedder: EmbedderResource
+) -> dg.MaterializeResult:
     model = embedder.get()
     stats = [stage.filter_pairs(storage.get(), shard, model, low=config.low, high=config.high) for shard in context.partition_keys]
     return dg.MaterializeResult(metadata=stats_metadata(merged(stats), path=storage.get().uri(layout.FILTERED_PAIRS)))

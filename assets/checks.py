@@ -6,7 +6,12 @@ import numpy as np
 from realsyn import layout
 from resources import StorageResource
 
-@dg.asset_check(asset=layout.SENTENCE_CLUSTERS, blocking=True, description="Centroids are finite and unit-norm and the bank holds every clustered sentence; blocks retrieval and GPU generation otherwise.")
+
+@dg.asset_check(
+    asset=layout.SENTENCE_CLUSTERS,
+    blocking=True,
+    description="Centroids are finite and unit-norm and the bank holds every clustered sentence; blocks retrieval and GPU generation otherwise.",
+)
 def sentence_clusters_are_usable(storage: StorageResource) -> dg.AssetCheckResult:
     reader = storage.get().reader(layout.SENTENCE_CLUSTERS)
     centroids = np.asarray(reader.read_numpy(layout.CENTROIDS_FILE))
@@ -14,8 +19,11 @@ def sentence_clusters_are_usable(storage: StorageResource) -> dg.AssetCheckResul
     summary = reader.read_json(layout.SUMMARY_FILE)
     bank_rows = int(np.sum(bank_layout.column("end").to_numpy() - bank_layout.column("start").to_numpy()))
     norms = np.linalg.norm(centroids, axis=1) if len(centroids) else np.zeros(0)
-    ok = bool(len(centroids) > 0 and np.isfinite(centroids).all() and np.allclose(norms, 1.0, atol=1e-3) and bank_rows == summary["sentences"])
+    ok = bool(
+        len(centroids) > 0 and np.isfinite(centroids).all() and np.allclose(norms, 1.0, atol=1e-3) and bank_rows == summary["sentences"]
+    )
     return dg.AssetCheckResult(passed=ok, metadata={"clusters": len(centroids), "bank_rows": bank_rows, "sentences": summary["sentences"]})
+
 
 @dg.asset_check(asset=layout.SAMPLED_SPLITS, description="In every cluster_cap split, no image cluster holds more samples than its cap.")
 def sampled_splits_respect_caps(storage: StorageResource) -> dg.AssetCheckResult:
@@ -34,6 +42,7 @@ def sampled_splits_respect_caps(storage: StorageResource) -> dg.AssetCheckResult
         worst[split] = largest
         passed &= largest <= min(caps)
     return dg.AssetCheckResult(passed=passed, metadata={f"{k}/largest_cluster": v for k, v in worst.items()})
+
 
 @dg.asset_check(asset=layout.EXPORTED_SPLITS, description="Every tar shard exists and sizes.json adds up to the split's sample count.")
 def exported_splits_match_sizes(storage: StorageResource) -> dg.AssetCheckResult:

@@ -13,7 +13,8 @@ import time
 from importlib import resources as importlib_resources
 from typing import Any
 
-from realsyn.cli import CommandInputError, build_parser as build_core_parser, run_cli
+from realsyn.cli import CommandInputError, run_cli
+from realsyn.cli import build_parser as build_core_parser
 
 
 def _sample_run_config() -> str:

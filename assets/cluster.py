@@ -18,18 +18,25 @@ from resources import ShardSourceResource, StorageResource
     op_tags=GLOBAL_STEP_TAGS,
     description="Sentence K-means (faiss, trained on a sample): centroids, every sentence's cluster, and the sentence bank laid out cluster by cluster.",
 )
-def sentence_clusters(context: dg.AssetExecutionContext, config: SentenceClustersConfig, storage: StorageResource, shard_source: ShardSourceResource) -> dg.MaterializeResult:
+def sentence_clusters(
+    context: dg.AssetExecutionContext, config: SentenceClustersConfig, storage: StorageResource, shard_source: ShardSourceResource
+) -> dg.MaterializeResult:
     stats = stage.cluster_sentences(storage.get(), registered_shards(context, shard_source), **config.model_dump())
     return dg.MaterializeResult(metadata=stats_metadata(stats, path=storage.get().uri(layout.SENTENCE_CLUSTERS)))
 
 
 @dg.asset(
     automation_condition=NIGHTLY_REBUILD,
-    deps=[dg.AssetDep(layout.FILTERED_PAIRS, partition_mapping=ALL_SHARDS), dg.AssetDep(layout.IMAGE_EMBEDDINGS, partition_mapping=ALL_SHARDS)],
+    deps=[
+        dg.AssetDep(layout.FILTERED_PAIRS, partition_mapping=ALL_SHARDS),
+        dg.AssetDep(layout.IMAGE_EMBEDDINGS, partition_mapping=ALL_SHARDS),
+    ],
     group_name=layout.CLUSTER,
     op_tags=GLOBAL_STEP_TAGS,
     description="K-means of the kept pairs' image embeddings: centroids, per-shard assignments, cluster sizes.",
 )
-def image_clusters(context: dg.AssetExecutionContext, config: ImageClustersConfig, storage: StorageResource, shard_source: ShardSourceResource) -> dg.MaterializeResult:
+def image_clusters(
+    context: dg.AssetExecutionContext, config: ImageClustersConfig, storage: StorageResource, shard_source: ShardSourceResource
+) -> dg.MaterializeResult:
     stats = stage.cluster_images(storage.get(), registered_shards(context, shard_source), **config.model_dump())
     return dg.MaterializeResult(metadata=stats_metadata(stats, path=storage.get().uri(layout.IMAGE_CLUSTERS)))

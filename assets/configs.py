@@ -6,7 +6,7 @@ against that class's typed ``__init__`` when the config is built, and an error n
 the field.
 """
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import dagster as dg
 from pydantic import Field, model_validator
@@ -17,7 +17,9 @@ class PluginConfig(dg.Config):
 
     kind: ClassVar[str] = ""
     name: str = Field(description="Registered short name or dotted path package.module:Class.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the plug-in's __init__, validated against its types.")
+    params: dict[str, Any | None] = Field(
+        default_factory=dict, description="Parameters of the plug-in's __init__, validated against its types."
+    )
 
     @model_validator(mode="after")
     def _validate_params(self):
@@ -34,7 +36,9 @@ class PluginConfig(dg.Config):
 
 class InputReaderConfig(PluginConfig):
     kind: ClassVar[str] = "input_reader"
-    name: str = Field(default="obelics", description="obelics (parallel images/texts lists), mmc4 (text_list + image_info) or package.module:Class.")
+    name: str = Field(
+        default="obelics", description="obelics (parallel images/texts lists), mmc4 (text_list + image_info) or package.module:Class."
+    )
 
 
 class ImageFilterPlugin(PluginConfig):
@@ -57,6 +61,7 @@ class IngestConfig(dg.Config):
     fetch_timeout_s: float = Field(default=10.0, description="Per-image download timeout (URL image slots).")
     max_image_bytes: int = Field(default=20_000_000, description="Larger downloads are dropped as fetch_failed.")
 
+
 class ImageFilterConfig(dg.Config):
     filters: list[ImageFilterPlugin] = Field(
         default_factory=lambda: [ImageFilterPlugin(name="rules")],
@@ -72,72 +77,94 @@ class SentenceFilterConfig(dg.Config):
 
 
 class PerplexityBandConfig(dg.Config):
-    low: Optional[float] = Field(default=None, description="Keep perplexity >= low; null = the scorer's default band (paper: 30 for its model).")
-    high: Optional[float] = Field(default=None, description="Keep perplexity <= high; null = the scorer's default band (paper: 200 for its model).")
+    low: float | None = Field(
+        default=None, description="Keep perplexity >= low; null = the scorer's default band (paper: 30 for its model)."
+    )
+    high: float | None = Field(
+        default=None, description="Keep perplexity <= high; null = the scorer's default band (paper: 200 for its model)."
+    )
+
 
 class ImageDedupConfig(dg.Config):
     exact: bool = Field(default=True, description="Collapse byte-identical images.")
-    perceptual_max_distance: Optional[int] = Field(default=6, description="pHash Hamming distance for perceptual duplicates; null disables.")
-    semantic_threshold: Optional[float] = Field(default=0.95, description="CLIP cosine for semantic duplicates; null disables.")
-    semantic_on_random_weights: bool = Field(default=False, description="Apply the semantic threshold even to random-weight embeddings (not semantic: off by default).")
-    index_factory: str = Field(default="Flat", description="faiss index for the global near-neighbour search (Flat; IVF-SQ8 such as 'IVF65536,SQ8' at scale: PQ similarities are too coarse for a tight threshold).")
+    perceptual_max_distance: int | None = Field(default=6, description="pHash Hamming distance for perceptual duplicates; null disables.")
+    semantic_threshold: float | None = Field(default=0.95, description="CLIP cosine for semantic duplicates; null disables.")
+    semantic_on_random_weights: bool = Field(
+        default=False, description="Apply the semantic threshold even to random-weight embeddings (not semantic: off by default)."
+    )
+    index_factory: str = Field(
+        default="Flat",
+        description="faiss index for the global near-neighbour search (Flat; IVF-SQ8 such as 'IVF65536,SQ8' at scale: PQ similarities are too coarse for a tight threshold).",
+    )
+
 
 class SentenceDedupConfig(dg.Config):
     exact: bool = Field(default=True, description="Collapse identical sentences.")
     normalized: bool = Field(default=True, description="Collapse sentences equal after case/punctuation/space normalisation (perceptual).")
-    semantic_threshold: Optional[float] = Field(default=0.95, description="CLIP cosine for semantic duplicates; null disables.")
+    semantic_threshold: float | None = Field(default=0.95, description="CLIP cosine for semantic duplicates; null disables.")
     semantic_on_random_weights: bool = Field(default=False, description="Apply the semantic threshold even to random-weight embeddings.")
     index_factory: str = Field(default="Flat", description="faiss index factory string.")
 
+
 class SentenceClustersConfig(dg.Config):
-    n_clusters: Optional[int] = Field(default=None, description="K of the sentence K-means; null = sentences / sentences_per_cluster.")
+    n_clusters: int | None = Field(default=None, description="K of the sentence K-means; null = sentences / sentences_per_cluster.")
     sentences_per_cluster: int = Field(default=420, description="Paper: 840M sentences into 2M clusters.")
     max_points_per_centroid: int = Field(default=256, description="Training sample size per centroid.")
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
     bank_parts: int = Field(default=1, description="Cluster-ordered sentence bank split into this many parts (memory bound at scale).")
 
+
 class RetrievalConfig(dg.Config):
     k: int = Field(default=3, description="Real sentences retrieved per image (paper ablation: 3 best).")
     n_probe: int = Field(default=1, description="Nearest sentence clusters searched per image.")
 
+
 class GenerationConfig(dg.Config):
-    instruction: Optional[str] = Field(default=None, description="Fusion instruction; null = the built-in RealSyn/CapsFusion instruction.")
+    instruction: str | None = Field(default=None, description="Fusion instruction; null = the built-in RealSyn/CapsFusion instruction.")
     max_new_tokens: int = Field(default=64, description="Tokens generated per caption.")
     temperature: float = Field(default=0.0, description="0 = greedy.")
     batch_size: int = Field(default=8, description="Prompts per generation batch.")
-    tagger: Optional[TaggerPlugin] = Field(
+    tagger: TaggerPlugin | None = Field(
         default_factory=lambda: TaggerPlugin(name="clip_vocabulary", params={"top_k": 5}),
         description="Open-set tagger {name, params} whose tags join the prompt (clip_vocabulary: top_k tags from the CLIP vocabulary); null = no tags.",
     )
 
 
 class SimilarityBandConfig(dg.Config):
-    low: Optional[float] = Field(default=None, description="Drop pairs below; null = the model's default (EVA02-CLIP E/14-plus: 0.51).")
-    high: Optional[float] = Field(default=None, description="Drop pairs above; null = the model's default (EVA02-CLIP E/14-plus: 0.61).")
+    low: float | None = Field(default=None, description="Drop pairs below; null = the model's default (EVA02-CLIP E/14-plus: 0.51).")
+    high: float | None = Field(default=None, description="Drop pairs above; null = the model's default (EVA02-CLIP E/14-plus: 0.61).")
+
 
 class ImageClustersConfig(dg.Config):
-    n_clusters: Optional[int] = Field(default=None, description="K of the image K-means; null = images / images_per_cluster.")
+    n_clusters: int | None = Field(default=None, description="K of the image K-means; null = images / images_per_cluster.")
     images_per_cluster: int = Field(default=168, description="Paper: 168M images into 1M centres.")
     max_points_per_centroid: int = Field(default=256, description="Training sample size per centroid.")
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
 
+
 class SplitConfig(dg.Config):
     name: str = Field(description="Split name (a folder of the export).")
-    samplers: list[SamplerPlugin] = Field(description="Samplers applied in order, each {name, params} and fitted on what the previous kept: cluster_cap (cap, seed), metaclip (metadata_path, t, seed, text_columns), points_perplexity (keep_fraction) or package.module:Class.")
+    samplers: list[SamplerPlugin] = Field(
+        description="Samplers applied in order, each {name, params} and fitted on what the previous kept: cluster_cap (cap, seed), metaclip (metadata_path, t, seed, text_columns), points_perplexity (keep_fraction) or package.module:Class."
+    )
 
     def spec(self):
         from realsyn.stages.sample import SplitSpec
 
         return SplitSpec(self.name, [s.spec() for s in self.samplers])
 
+
 def _paper_splits() -> list[SplitConfig]:
     return [SplitConfig(name=f"cap{c}", samplers=[SamplerPlugin(name="cluster_cap", params={"cap": c})]) for c in (20, 35, 180)]
 
+
 class SampledSplitsConfig(dg.Config):
-    splits: list[SplitConfig] = Field(default_factory=_paper_splits, description="One split per entry (paper: cluster caps 20 / 35 / 180 for 15M / 30M / 100M).")
+    splits: list[SplitConfig] = Field(
+        default_factory=_paper_splits, description="One split per entry (paper: cluster caps 20 / 35 / 180 for 15M / 30M / 100M)."
+    )
+
 
 class ExportConfig(dg.Config):
     samples_per_shard: int = Field(default=1000, description="Samples per WebDataset tar shard.")
-

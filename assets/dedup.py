@@ -18,7 +18,9 @@ from resources import ShardSourceResource, StorageResource
     op_tags=GLOBAL_STEP_TAGS,
     description="Per shard: which images survive exact, perceptual (pHash) and semantic (CLIP) dedup; one representative per Union-Find component (decisions/{shard}.parquet).",
 )
-def image_dedup(context: dg.AssetExecutionContext, config: ImageDedupConfig, storage: StorageResource, shard_source: ShardSourceResource) -> dg.MaterializeResult:
+def image_dedup(
+    context: dg.AssetExecutionContext, config: ImageDedupConfig, storage: StorageResource, shard_source: ShardSourceResource
+) -> dg.MaterializeResult:
     stats = stage.dedup_images(storage.get(), registered_shards(context, shard_source), **config.model_dump())
     return dg.MaterializeResult(metadata=stats_metadata(stats, path=storage.get().uri(layout.IMAGE_DEDUP)))
 
@@ -30,6 +32,8 @@ def image_dedup(context: dg.AssetExecutionContext, config: ImageDedupConfig, sto
     op_tags=GLOBAL_STEP_TAGS,
     description="Per shard: which sentences survive exact, normalised-text and semantic dedup (decisions/{shard}.parquet).",
 )
-def sentence_dedup(context: dg.AssetExecutionContext, config: SentenceDedupConfig, storage: StorageResource, shard_source: ShardSourceResource) -> dg.MaterializeResult:
+def sentence_dedup(
+    context: dg.AssetExecutionContext, config: SentenceDedupConfig, storage: StorageResource, shard_source: ShardSourceResource
+) -> dg.MaterializeResult:
     stats = stage.dedup_sentences(storage.get(), registered_shards(context, shard_source), **config.model_dump())
     return dg.MaterializeResult(metadata=stats_metadata(stats, path=storage.get().uri(layout.SENTENCE_DEDUP)))

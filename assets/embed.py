@@ -26,9 +26,13 @@ def _model_metadata(embedder) -> dict:
 def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
     model = embedder.get()
     if model.random_weights:
-        context.log.warning(f"CLIP weights unavailable: embedding with random weights ({model.model_id}); retrieval and similarity are not semantic")
+        context.log.warning(
+            f"CLIP weights unavailable: embedding with random weights ({model.model_id}); retrieval and similarity are not semantic"
+        )
     stats = [stage.embed_images(storage.get(), shard, model) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.IMAGE_EMBEDDINGS)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.IMAGE_EMBEDDINGS))
+    )
 
 
 @dg.asset(
@@ -43,4 +47,6 @@ def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource
 def sentence_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
     model = embedder.get()
     stats = [stage.embed_sentences(storage.get(), shard, model) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.SENTENCE_EMBEDDINGS)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.SENTENCE_EMBEDDINGS))
+    )

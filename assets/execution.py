@@ -34,7 +34,12 @@ CPU_STEP_TAGS = {
 # a global step holds an index or centroids: a big-memory node
 GLOBAL_STEP_TAGS = {
     "dagster-k8s/config": {
-        "container_config": {"resources": {"requests": {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "1"}, "limits": {"memory": "240Gi", "nvidia.com/gpu": "1"}}},
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "240Gi", "nvidia.com/gpu": "1"},
+            }
+        },
         "pod_spec_config": {
             "node_selector": {"realsyn.io/node-pool": "gpu-highmem"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

@@ -17,7 +17,9 @@ from resources import ShardSourceResource, StorageResource
     op_tags=GLOBAL_STEP_TAGS,
     description="Each split as WebDataset tar shards with sizes.json (open_clip reads them directly) and as Parquet; every sample carries its image, ranked real texts and synthetic texts.",
 )
-def exported_splits(context: dg.AssetExecutionContext, config: ExportConfig, storage: StorageResource, shard_source: ShardSourceResource) -> dg.MaterializeResult:
+def exported_splits(
+    context: dg.AssetExecutionContext, config: ExportConfig, storage: StorageResource, shard_source: ShardSourceResource
+) -> dg.MaterializeResult:
     result = stage.export_splits(storage.get(), registered_shards(context, shard_source), samples_per_shard=config.samples_per_shard)
     reader = storage.get().reader(layout.EXPORTED_SPLITS)
     meta = {f"{name}/samples": int(st.counts["rows_out"]) for name, st in result.items()}

@@ -27,7 +27,11 @@ def _filters(kind: str, configs) -> list:
 def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
     filters = _filters("image_filter", config.filters)
     stats = [stage.filter_images(storage.get(), shard, filters) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.FILTERED_IMAGES)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(
+            merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.FILTERED_IMAGES)
+        )
+    )
 
 
 @dg.asset(
@@ -40,7 +44,11 @@ def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig
 def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
     filters = _filters("sentence_filter", config.filters)
     stats = [stage.filter_sentence_candidates(storage.get(), shard, filters) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.SENTENCE_CANDIDATES)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(
+            merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.SENTENCE_CANDIDATES)
+        )
+    )
 
 
 @dg.asset(
@@ -52,10 +60,16 @@ def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilte
     backfill_policy=GPU_BACKFILL,
     description="Language-model perplexity of each candidate sentence, stored as a column (a band change never rescores).",
 )
-def sentence_perplexity(context: dg.AssetExecutionContext, storage: StorageResource, perplexity: PerplexityScorerResource) -> dg.MaterializeResult:
+def sentence_perplexity(
+    context: dg.AssetExecutionContext, storage: StorageResource, perplexity: PerplexityScorerResource
+) -> dg.MaterializeResult:
     scorer = perplexity.get()
     stats = [stage.score_sentence_perplexity(storage.get(), shard, scorer) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), scorer=scorer.model_id if scorer else "disabled", path=storage.get().uri(layout.SENTENCE_PERPLEXITY)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(
+            merged(stats), scorer=scorer.model_id if scorer else "disabled", path=storage.get().uri(layout.SENTENCE_PERPLEXITY)
+        )
+    )
 
 
 @dg.asset(
@@ -65,13 +79,17 @@ def sentence_perplexity(context: dg.AssetExecutionContext, storage: StorageResou
     op_tags=CPU_STEP_TAGS,
     description="Sentences whose perplexity lies in the band (paper: [30, 200] for its model; per scorer), plus decisions.parquet.",
 )
-def filtered_sentences(context: dg.AssetExecutionContext, config: PerplexityBandConfig, storage: StorageResource, perplexity: PerplexityScorerResource) -> dg.MaterializeResult:
+def filtered_sentences(
+    context: dg.AssetExecutionContext, config: PerplexityBandConfig, storage: StorageResource, perplexity: PerplexityScorerResource
+) -> dg.MaterializeResult:
     band = None
     if perplexity.enabled:
         from realsyn.filters.perplexity_band import PerplexityBandFilter, default_band
 
         low, high = default_band(perplexity.resolved_params().get("model"))
-        band = PerplexityBandFilter(low=config.low if config.low is not None else low, high=config.high if config.high is not None else high)
+        band = PerplexityBandFilter(
+            low=config.low if config.low is not None else low, high=config.high if config.high is not None else high
+        )
     else:
         context.log.warning("perplexity scorer disabled: the perplexity band is skipped")
     stats = [stage.filter_sentences_by_perplexity(storage.get(), shard, band) for shard in context.partition_keys]

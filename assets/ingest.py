@@ -20,18 +20,42 @@ source_documents = dg.AssetSpec(
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(layout.IMAGE_DB, deps=[source_documents], group_name=layout.INGEST, description="Every image slot: bytes, width, height, source document, position, fetch/decode status."),
-        dg.AssetSpec(layout.SENTENCE_DB, deps=[source_documents], group_name=layout.INGEST, description="Every paragraph split into sentences with NLTK Punkt, with its source document."),
+        dg.AssetSpec(
+            layout.IMAGE_DB,
+            deps=[source_documents],
+            group_name=layout.INGEST,
+            description="Every image slot: bytes, width, height, source document, position, fetch/decode status.",
+        ),
+        dg.AssetSpec(
+            layout.SENTENCE_DB,
+            deps=[source_documents],
+            group_name=layout.INGEST,
+            description="Every paragraph split into sentences with NLTK Punkt, with its source document.",
+        ),
     ],
     partitions_def=shard_partitions,
     op_tags=CPU_STEP_TAGS,
 )
-def document_databases(context: dg.AssetExecutionContext, config: IngestConfig, storage: StorageResource, shard_source: ShardSourceResource):
+def document_databases(
+    context: dg.AssetExecutionContext, config: IngestConfig, storage: StorageResource, shard_source: ShardSourceResource
+):
     image_stats, sentence_stats = [], []
     for shard in context.partition_keys:
-        i, s = stage.ingest_shard(storage.get(), shard, shard_source.shard_uri(shard), reader=shard_source.reader.spec(), fetch_timeout_s=config.fetch_timeout_s, max_image_bytes=config.max_image_bytes)
+        i, s = stage.ingest_shard(
+            storage.get(),
+            shard,
+            shard_source.shard_uri(shard),
+            reader=shard_source.reader.spec(),
+            fetch_timeout_s=config.fetch_timeout_s,
+            max_image_bytes=config.max_image_bytes,
+        )
         image_stats.append(i)
         sentence_stats.append(s)
     reader = shard_source.reader.name
-    yield dg.MaterializeResult(asset_key=layout.IMAGE_DB, metadata=stats_metadata(merged(image_stats), reader=reader, path=storage.get().uri(layout.IMAGE_DB)))
-    yield dg.MaterializeResult(asset_key=layout.SENTENCE_DB, metadata=stats_metadata(merged(sentence_stats), reader=reader, path=storage.get().uri(layout.SENTENCE_DB)))
+    yield dg.MaterializeResult(
+        asset_key=layout.IMAGE_DB, metadata=stats_metadata(merged(image_stats), reader=reader, path=storage.get().uri(layout.IMAGE_DB))
+    )
+    yield dg.MaterializeResult(
+        asset_key=layout.SENTENCE_DB,
+        metadata=stats_metadata(merged(sentence_stats), reader=reader, path=storage.get().uri(layout.SENTENCE_DB)),
+    )

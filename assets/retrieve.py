@@ -23,4 +23,6 @@ from resources import StorageResource
 )
 def retrievals(context: dg.AssetExecutionContext, config: RetrievalConfig, storage: StorageResource) -> dg.MaterializeResult:
     stats = [stage.retrieve_for_shard(storage.get(), shard, k=config.k, n_probe=config.n_probe) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), k=config.k, n_probe=config.n_probe, path=storage.get().uri(layout.RETRIEVALS)))
+    return dg.MaterializeResult(
+        metadata=stats_metadata(merged(stats), k=config.k, n_probe=config.n_probe, path=storage.get().uri(layout.RETRIEVALS))
+    )

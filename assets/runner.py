@@ -65,7 +65,16 @@ def _failures(result: dg.ExecuteInProcessResult, job: str, shard: str | None) ->
     return out or [Failure(job, shard, "?", "run failed before any step")]
 
 
-def run_graph(input_uri: str, storage_root: str, *, config_path: str | None = None, env: str | None = None, instance: dg.DagsterInstance | None = None, log=print, log_level: str = "WARNING") -> RunReport:
+def run_graph(
+    input_uri: str,
+    storage_root: str,
+    *,
+    config_path: str | None = None,
+    env: str | None = None,
+    instance: dg.DagsterInstance | None = None,
+    log=print,
+    log_level: str = "WARNING",
+) -> RunReport:
     from definitions import build_definitions
 
     cfg = load_run_config(config_path)
@@ -87,7 +96,10 @@ def run_graph(input_uri: str, storage_root: str, *, config_path: str | None = No
     for job in JOBS_IN_ORDER:
         job_def = defs.resolve_job_def(job.name)
         ops = {n.name for n in job_def.graph.node_defs}
-        run_config = {"ops": {op: {"config": c} for op, c in cfg["assets"].items() if op in ops}, "loggers": {"console": {"config": {"log_level": log_level}}}}
+        run_config = {
+            "ops": {op: {"config": c} for op, c in cfg["assets"].items() if op in ops},
+            "loggers": {"console": {"config": {"log_level": log_level}}},
+        }
         keys = shards if job.name in PARTITIONED_JOBS else [None]
         for key in keys:
             log(f"  {job.name}{' [' + key + ']' if key else ''} ...")

@@ -15,14 +15,26 @@ from resources import PerplexityScorerResource, ShardSourceResource, StorageReso
 
 @dg.asset(
     automation_condition=NIGHTLY_REBUILD,
-    deps=[layout.IMAGE_CLUSTERS, dg.AssetDep(layout.RETRIEVALS, partition_mapping=ALL_SHARDS), dg.AssetDep(layout.SYNTHETIC_CAPTIONS, partition_mapping=ALL_SHARDS)],
+    deps=[
+        layout.IMAGE_CLUSTERS,
+        dg.AssetDep(layout.RETRIEVALS, partition_mapping=ALL_SHARDS),
+        dg.AssetDep(layout.SYNTHETIC_CAPTIONS, partition_mapping=ALL_SHARDS),
+    ],
     group_name=layout.SAMPLE,
     op_tags=GLOBAL_STEP_TAGS,
     description="One split per configured sampler chain (RealSyn cluster caps 20/35/180 by default; MetaCLIP and POINTS as alternatives), seeded; every sampler's own drop reason in {split}/decisions/.",
 )
-def sampled_splits(context: dg.AssetExecutionContext, config: SampledSplitsConfig, storage: StorageResource, perplexity: PerplexityScorerResource, shard_source: ShardSourceResource) -> dg.MaterializeResult:
+def sampled_splits(
+    context: dg.AssetExecutionContext,
+    config: SampledSplitsConfig,
+    storage: StorageResource,
+    perplexity: PerplexityScorerResource,
+    shard_source: ShardSourceResource,
+) -> dg.MaterializeResult:
     # the scorer loads only if a sampler asks for text_perplexity
-    result = stage.sample_splits(storage.get(), registered_shards(context, shard_source), [s.spec() for s in config.splits], perplexity_scorer=perplexity.get)
+    result = stage.sample_splits(
+        storage.get(), registered_shards(context, shard_source), [s.spec() for s in config.splits], perplexity_scorer=perplexity.get
+    )
     meta = {}
     for name, st in result.items():
         meta.update({f"{name}/{k}": v for k, v in stats_metadata(st).items()})
@@ -32,4 +44,6 @@ def sampled_splits(context: dg.AssetExecutionContext, config: SampledSplitsConfi
         if f.endswith(".png"):
             png = base64.b64encode(reader.read_bytes(f)).decode()
             meta[f.replace("/", ": ")] = dg.MetadataValue.md(f"![{f}](data:image/png;base64,{png})")
-    return dg.MaterializeResult(metadata={**meta, "splits": ", ".join(result), "path": dg.MetadataValue.path(storage.get().uri(layout.SAMPLED_SPLITS))})
+    return dg.MaterializeResult(
+        metadata={**meta, "splits": ", ".join(result), "path": dg.MetadataValue.path(storage.get().uri(layout.SAMPLED_SPLITS))}
+    )

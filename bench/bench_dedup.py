@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from realsyn.dedup import SemanticIndex, UnionFind
+from realsyn.runtime import l2_normalize
 
 
 def planted_vectors(n: int, dim: int, dup_fraction: float, noise: float, seed: int) -> np.ndarray:
@@ -22,7 +23,7 @@ def planted_vectors(n: int, dim: int, dup_fraction: float, noise: float, seed: i
     copies = rng.choice(n, size=n_dup, replace=False)
     sources = rng.integers(0, n, size=n_dup)
     x[copies] = x[sources] + rng.normal(scale=noise, size=(n_dup, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return l2_normalize(x)
 
 
 def brute_force_edges(x: np.ndarray, threshold: float, block: int) -> np.ndarray:
@@ -71,8 +72,9 @@ def main() -> None:
 
     x = planted_vectors(args.n, args.dim, args.dup_fraction, args.noise, args.seed)
     nlist = args.nlist or int(2 * np.sqrt(args.n))
-    print(f"n={args.n} dim={args.dim} threshold={args.threshold} planted={int(args.n * args.dup_fraction)} "
-          f"nlist={nlist} nprobe={args.nprobe}")
+    print(
+        f"n={args.n} dim={args.dim} threshold={args.threshold} planted={int(args.n * args.dup_fraction)} nlist={nlist} nprobe={args.nprobe}"
+    )
 
     t0 = time.perf_counter()
     truth = brute_force_edges(x, args.threshold, args.block)
@@ -113,8 +115,10 @@ def main() -> None:
     )
     t_scipy = time.perf_counter() - t0
     assert len(np.unique(labels)) == n_comp, "union-find disagrees with scipy"
-    print(f"union-find: {args.uf_edges} edges over {n_nodes} nodes -> {n_comp} components in {t_uf:.2f}s "
-          f"(scipy connected_components reference: {t_scipy:.2f}s)")
+    print(
+        f"union-find: {args.uf_edges} edges over {n_nodes} nodes -> {n_comp} components in {t_uf:.2f}s "
+        f"(scipy connected_components reference: {t_scipy:.2f}s)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from realsyn.curation.metaclip import MetaClipMatcher, entry_counts, load_metadata, metaclip_spacing
+from realsyn.io import iter_jsonl
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 
@@ -117,8 +117,10 @@ def main() -> None:
     d = os.path.abspath(args.data_dir)
     metadata = load_metadata(os.path.join(d, "metaclip", "metadata_wordnet_part_plus_0_99.json"))
     texts = pq.read_table(os.path.join(d, "alt_texts", "test_10000.parquet"), columns=["TEXT"]).column("TEXT").to_pylist()
-    with open(os.path.join(d, "metaclip", "img2dataset10k_matches_metaclip_aho.jsonl")) as f:
-        reference = [sorted(json.loads(line)["matched_entry_ids"]) for line in f]
+    reference = [
+        sorted(r["matched_entry_ids"])
+        for r in iter_jsonl(os.path.join(d, "metaclip", "img2dataset10k_matches_metaclip_aho.jsonl"), strict=True)
+    ]
     ref_counts = np.load(os.path.join(d, "metaclip", "entry_count_img2dataset10k.npy"))
 
     start = time.process_time()
@@ -137,7 +139,9 @@ def main() -> None:
     ours = rates["ours (MetaClipMatcher.match_batch)"]
     for name, rate in rates.items():
         per_round = [len(big) / s for s in seconds[name]]
-        print(f"{name:45s} {rate:10,.0f} texts/s/core (rounds: {', '.join(f'{r:,.0f}' for r in per_round)})  ours / this = {ours / rate:.2f}x")
+        print(
+            f"{name:45s} {rate:10,.0f} texts/s/core (rounds: {', '.join(f'{r:,.0f}' for r in per_round)})  ours / this = {ours / rate:.2f}x"
+        )
     ours_s = seconds["ours (MetaClipMatcher.match_batch)"]
     for name in list(implementations)[:2]:
         ratios = [b / o for b, o in zip(seconds[name], ours_s)]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from realsyn.curation.perplexity import EMBEDDED_SCORER, CausalLMPerplexityScorer  # noqa: E402
 from realsyn.filters.perplexity_band import EMBEDDED_SCORER_BAND  # noqa: E402
+from realsyn.io import iter_jsonl  # noqa: E402
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
@@ -29,14 +30,13 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 def read_captions(path: Path, n: int) -> list[str]:
     """First ``n`` captions in file order (each line: one image with a ``captions`` list)."""
     captions: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            for caption in json.loads(line)["captions"]:
-                caption = " ".join(caption.split())
-                if caption:
-                    captions.append(caption)
-                if len(captions) == n:
-                    return captions
+    for record in iter_jsonl(str(path), strict=True):
+        for caption in record["captions"]:
+            caption = " ".join(caption.split())
+            if caption:
+                captions.append(caption)
+            if len(captions) == n:
+                return captions
     return captions
 
 
@@ -114,8 +114,7 @@ def main() -> None:
 
     low, high = args.band
     valid = ~(np.isnan(real_ppl) | np.isnan(shuffled_ppl))
-    print(f"model {batched.model_id}  device {args.device}  torch threads {torch.get_num_threads()}  "
-          f"load+warmup {load_s:.1f}s")
+    print(f"model {batched.model_id}  device {args.device}  torch threads {torch.get_num_threads()}  load+warmup {load_s:.1f}s")
     print(f"{len(real)} COCO captions from {args.captions}; words shuffled with seed {args.seed}")
     print(f"{'':<10} " + " ".join(f"{'p' + str(p):>8}" for p in PERCENTILES) + f" {'mean':>9}")
     print(percentile_row("real", real_ppl))
@@ -123,15 +122,18 @@ def main() -> None:
     ratio = shuffled_ppl[valid] / real_ppl[valid]
     print(f"median perplexity  real {np.nanmedian(real_ppl):.1f}  shuffled {np.nanmedian(shuffled_ppl):.1f}")
     print(f"mean perplexity    real {np.nanmean(real_ppl):.1f}  shuffled {np.nanmean(shuffled_ppl):.1f}")
-    print(f"pairs real < shuffled: {np.mean(real_ppl[valid] < shuffled_ppl[valid]):.4f} of {valid.sum()}; "
-          f"median shuffled/real ratio {np.median(ratio):.2f}")
+    print(
+        f"pairs real < shuffled: {np.mean(real_ppl[valid] < shuffled_ppl[valid]):.4f} of {valid.sum()}; "
+        f"median shuffled/real ratio {np.median(ratio):.2f}"
+    )
     in_band = lambda s: np.mean((s >= low) & (s <= high))  # noqa: E731
     print(f"band [{low:g}, {high:g}] keeps real {in_band(real_ppl):.3f}, shuffled {in_band(shuffled_ppl):.3f}")
     n_batched = len(real) + len(shuffled)
-    print(f"throughput batch_size={args.batch_size}: {n_batched / (real_s + shuffled_s):.1f} sentences/s "
-          f"({n_batched} in {real_s + shuffled_s:.1f}s)")
-    print(f"throughput batch_size=1: {len(single_texts) / single_s:.1f} sentences/s "
-          f"({len(single_texts)} in {single_s:.1f}s)")
+    print(
+        f"throughput batch_size={args.batch_size}: {n_batched / (real_s + shuffled_s):.1f} sentences/s "
+        f"({n_batched} in {real_s + shuffled_s:.1f}s)"
+    )
+    print(f"throughput batch_size=1: {len(single_texts) / single_s:.1f} sentences/s ({len(single_texts)} in {single_s:.1f}s)")
     print(f"batched vs single max relative difference: {np.nanmax(rel_diff):.2e}")
     if args.cupl is not None:
         prose = read_cupl(args.cupl, args.cupl_n, args.seed)
@@ -140,8 +142,7 @@ def main() -> None:
         print(f"{len(prose)} CuPL descriptions from {args.cupl}")
         print(percentile_row("prose", prose_ppl))
         print(percentile_row("shuffled", prose_shuffled_ppl))
-        print(f"band [{low:g}, {high:g}] keeps prose {in_band(prose_ppl):.3f}, "
-              f"shuffled {in_band(prose_shuffled_ppl):.3f}")
+        print(f"band [{low:g}, {high:g}] keeps prose {in_band(prose_ppl):.3f}, shuffled {in_band(prose_shuffled_ppl):.3f}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from realsyn.clustering import ReservoirSample, assign, cluster_order, train_kmeans  # noqa: E402
-from realsyn.runtime import l2_normalize  # noqa: E402
 from realsyn.retrieval import exact_search, hierarchical_search  # noqa: E402
+from realsyn.runtime import l2_normalize  # noqa: E402
 
 
 def synthetic(n_sentences: int, n_images: int, dim: int, n_topics: int, noise: float, seed: int):

@@ -118,27 +118,60 @@ def train_kmeans(
     return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k_eff, dim)
 
 
-def assign(emb: np.ndarray, centroids: np.ndarray, n_probe: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``n_probe`` nearest centroids by inner product, best first.
+class CentroidIndex:
+    """Nearest centroids by inner product, the one index that assigns and probes clusters.
+
+    Exact (``IndexFlatIP``) up to ``exact_up_to`` centroids; above, HNSW over the centroids
+    (``hnsw_m`` links, ``ef_search`` candidates), whose cost grows with log K instead of K: at 2M
+    sentence clusters a flat scan is nearly all of the assignment work. On a GPU machine the flat
+    index moves to the GPUs (``use_gpu``: auto, true, false).
+    """
+
+    def __init__(self, centroids: np.ndarray, *, exact_up_to: int = 65536, hnsw_m: int = 32, ef_search: int = 128, use_gpu: str = "auto"):
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or len(centroids) == 0:
+            raise ValueError(f"need a non-empty (k, D) centroid array, got shape {centroids.shape}")
+        faiss = _faiss()
+        self.k, self.dim = centroids.shape
+        self.exact = self.k <= exact_up_to
+        if self.exact:
+            index = faiss.IndexFlatIP(self.dim)
+            if faiss_use_gpu(use_gpu):
+                index = faiss.index_cpu_to_all_gpus(index)
+        else:
+            index = faiss.IndexHNSWFlat(self.dim, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = max(int(ef_search), 1)
+        index.add(centroids)
+        self.index = index
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's ``n`` nearest centroids, best first: (ids int64 (N, p), scores float32 (N, p)), p = min(n, k)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries of shape {queries.shape} do not match centroids of dim {self.dim}")
+        if n <= 0:
+            raise ValueError(f"n must be positive, got {n}")
+        p = min(int(n), self.k)
+        if len(queries) == 0:
+            return np.empty((0, p), dtype=np.int64), np.empty((0, p), dtype=np.float32)
+        if not self.exact:
+            self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, p)
+        scores, ids = self.index.search(queries, p)
+        return ids.astype(np.int64), scores.astype(np.float32)
+
+
+def assign(emb: np.ndarray, centroids: np.ndarray | CentroidIndex, n_probe: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``n_probe`` nearest centroids by inner product, best first (through a ``CentroidIndex``).
 
     Returns (ids int64 (N, p), scores float32 (N, p)) with p = min(n_probe, number of centroids).
     """
+    index = centroids if isinstance(centroids, CentroidIndex) else CentroidIndex(centroids)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    if centroids.ndim != 2 or len(centroids) == 0:
-        raise ValueError(f"need a non-empty (k, D) centroid array, got shape {centroids.shape}")
-    if emb.ndim != 2 or emb.shape[1] != centroids.shape[1]:
-        raise ValueError(f"embeddings of shape {emb.shape} do not match centroids of shape {centroids.shape}")
+    if emb.ndim != 2 or emb.shape[1] != index.dim:
+        raise ValueError(f"embeddings of shape {emb.shape} do not match centroids of dim {index.dim}")
     if n_probe <= 0:
         raise ValueError(f"n_probe must be positive, got {n_probe}")
-    p = min(int(n_probe), len(centroids))
-    if len(emb) == 0:
-        return np.empty((0, p), dtype=np.int64), np.empty((0, p), dtype=np.float32)
-    faiss = _faiss()
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    scores, ids = index.search(emb, p)
-    return ids.astype(np.int64), scores.astype(np.float32)
+    return index.search(emb, n_probe)
 
 
 def cluster_order(cluster_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

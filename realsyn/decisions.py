@@ -16,7 +16,11 @@ import pyarrow as pa
 from realsyn.layout import DECISION_SCHEMA
 
 
-def decision_table(ids: Sequence[str] | pa.Array | pa.ChunkedArray, reasons: Sequence[str | None], details: Sequence[str | None] | pa.Array | pa.ChunkedArray | None = None) -> pa.Table:
+def decision_table(
+    ids: Sequence[str] | pa.Array | pa.ChunkedArray,
+    reasons: Sequence[str | None],
+    details: Sequence[str | None] | pa.Array | pa.ChunkedArray | None = None,
+) -> pa.Table:
     """A row per item: ``kept`` is ``reason is None``; ``detail`` says more (representative, score, ...)."""
     n = len(reasons)
     if len(ids) != n:
@@ -29,7 +33,12 @@ def decision_table(ids: Sequence[str] | pa.Array | pa.ChunkedArray, reasons: Seq
         detail = pa.array([None if d is None else str(d) for d in details], pa.string())
     ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
     return pa.table(
-        {"id": ids.cast(pa.string()), "kept": pa.array([r is None for r in reasons], pa.bool_()), "reason": pa.array(list(reasons), pa.string()), "detail": detail},
+        {
+            "id": ids.cast(pa.string()),
+            "kept": pa.array([r is None for r in reasons], pa.bool_()),
+            "reason": pa.array(list(reasons), pa.string()),
+            "detail": detail,
+        },
         schema=DECISION_SCHEMA,
     )
 

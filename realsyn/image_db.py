@@ -303,9 +303,7 @@ def _image_slots(docs: Iterable[Document]) -> Iterator[tuple[str, str, int, Any]
                 yield doc.doc_id, f"{doc.doc_id}#{position}", position, ref
 
 
-def build_image_table(
-    docs: Iterable[Document], shard: str, fetcher: ImageFetcher, stats: StepStats, workers: int = 8
-) -> pa.Table:
+def build_image_table(docs: Iterable[Document], shard: str, fetcher: ImageFetcher, stats: StepStats, workers: int = 8) -> pa.Table:
     """One row per image slot (IMAGE_DB_SCHEMA), in document order.
 
     Fetching runs on ``workers`` threads (network-bound); row order does not depend on it.

@@ -113,7 +113,9 @@ def atomic_local_file(uri: str) -> Iterator[str]:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike, complete: Callable[[Path], bool] | None = None, prefix: str = ".staging-") -> Iterator[Path]:
+def atomic_directory(
+    target: str | os.PathLike, complete: Callable[[Path], bool] | None = None, prefix: str = ".staging-"
+) -> Iterator[Path]:
     """A fresh local staging folder beside ``target`` that is renamed to ``target`` if the block succeeds.
 
     If the rename fails because another writer put ``target`` in place first, the error is ignored
@@ -160,7 +162,6 @@ def json_default(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- JSONL
-
 
 
 class _Malformed:

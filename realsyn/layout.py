@@ -12,7 +12,15 @@ import pyarrow as pa
 # Stages, in data-flow order: each is one core module ``realsyn/stages/<stage>.py``, one Dagster
 # module ``assets/<stage>.py`` and one asset group.
 INGEST, FILTER, EMBED, DEDUP, CLUSTER, RETRIEVE, CAPTION, SAMPLE, EXPORT = STAGES = (
-    "ingest", "filter", "embed", "dedup", "cluster", "retrieve", "caption", "sample", "export",
+    "ingest",
+    "filter",
+    "embed",
+    "dedup",
+    "cluster",
+    "retrieve",
+    "caption",
+    "sample",
+    "export",
 )
 
 # Asset keys.
@@ -57,7 +65,16 @@ STAGE_OF: dict[str, str] = {
 }
 
 # The graph runs as four jobs in data-flow order: per shard, global, per shard, global.
-PREPARE_SHARDS = (IMAGE_DB, SENTENCE_DB, FILTERED_IMAGES, SENTENCE_CANDIDATES, SENTENCE_PERPLEXITY, FILTERED_SENTENCES, IMAGE_EMBEDDINGS, SENTENCE_EMBEDDINGS)
+PREPARE_SHARDS = (
+    IMAGE_DB,
+    SENTENCE_DB,
+    FILTERED_IMAGES,
+    SENTENCE_CANDIDATES,
+    SENTENCE_PERPLEXITY,
+    FILTERED_SENTENCES,
+    IMAGE_EMBEDDINGS,
+    SENTENCE_EMBEDDINGS,
+)
 DEDUP_AND_CLUSTER = (IMAGE_DEDUP, SENTENCE_DEDUP, SENTENCE_CLUSTERS)
 CAPTION_SHARDS = (RETRIEVALS, SYNTHETIC_CAPTIONS, FILTERED_PAIRS)
 SAMPLE_AND_EXPORT = (IMAGE_CLUSTERS, SAMPLED_SPLITS, EXPORTED_SPLITS)
@@ -86,7 +103,12 @@ CAPTION_CACHE_DIR = "_cache/synthetic_captions"  # {shard}.parquet, outside any 
 DECISION_SCHEMA = pa.schema([("id", pa.string()), ("kept", pa.bool_()), ("reason", pa.string()), ("detail", pa.string())])
 
 RETRIEVAL_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("sentence_ids", pa.list_(pa.string())), ("texts", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))]
+    [
+        ("image_id", pa.string()),
+        ("sentence_ids", pa.list_(pa.string())),
+        ("texts", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float32())),
+    ]
 )
 
 

@@ -169,7 +169,13 @@ def _row(doc: dict[str, Any], jsonl: bool) -> dict[str, Any]:
             images.append(None)
             texts.append(" ".join(value))
     metadata = json.dumps({"title": doc["title"], "image_source": doc["source"], "license": "see source package"}, sort_keys=True)
-    return {"id": doc["id"], "url": f"https://example.org/realsyn-sample/{doc['id']}", "images": images, "texts": texts, "general_metadata": metadata}
+    return {
+        "id": doc["id"],
+        "url": f"https://example.org/realsyn-sample/{doc['id']}",
+        "images": images,
+        "texts": texts,
+        "general_metadata": metadata,
+    }
 
 
 def _write_shards(plan: _CorpusPlan, out_dir: str) -> list[str]:
@@ -249,9 +255,13 @@ def build_sample_corpus(out_dir: str, n_shards: int = 4, seed: int = 0) -> dict[
         plan.tally("exact_duplicate_images")
     for k, name in enumerate(picked[N_EXACT_DUPLICATES:]):
         image = photos[name]
-        smaller = image.resize((round(image.width * NEAR_DUPLICATE_SCALE), round(image.height * NEAR_DUPLICATE_SCALE)), Image.Resampling.LANCZOS)
+        smaller = image.resize(
+            (round(image.width * NEAR_DUPLICATE_SCALE), round(image.height * NEAR_DUPLICATE_SCALE)), Image.Resampling.LANCZOS
+        )
         slots = [("image", _jpeg(smaller, NEAR_DUPLICATE_QUALITY)), ("text", filler())]
-        plan.add_document((shard_of[name] + 1) % n_shards, f"sample-resized-{k}", slots, paragraphs["photos"][name]["title"], "resized copy")
+        plan.add_document(
+            (shard_of[name] + 1) % n_shards, f"sample-resized-{k}", slots, paragraphs["photos"][name]["title"], "resized copy"
+        )
         plan.tally("near_duplicate_images")
 
     parquet_shards = list(range(n_shards - 1))
@@ -260,12 +270,20 @@ def build_sample_corpus(out_dir: str, n_shards: int = 4, seed: int = 0) -> dict[
     plan.add_document(rng.choice(parquet_shards), "sample-thumbnails", [("text", filler()), *thumbs], "Thumbnails", "thumbnails")
     plan.tally("tiny_images", len(thumbs))
     banners = [_jpeg(_center_strip(photos[name], size)) for name, size in zip(rng.sample(order, len(BANNER_SIZES)), BANNER_SIZES)]
-    plan.add_document(rng.choice(parquet_shards), "sample-banners", [("image", banners[0]), ("text", filler()), ("image", banners[1])], "Banners", "banners")
+    plan.add_document(
+        rng.choice(parquet_shards),
+        "sample-banners",
+        [("image", banners[0]), ("text", filler()), ("image", banners[1])],
+        "Banners",
+        "banners",
+    )
     plan.tally("extreme_aspect_images", len(banners))
 
     # A truncated upload (undecodable) and a dead link (fetch fails at once).
     broken = photo_bytes[rng.choice(order)][:700]
-    plan.add_document(rng.choice(parquet_shards), "sample-broken-upload", [("text", filler()), ("image", broken)], "Broken upload", "truncated file")
+    plan.add_document(
+        rng.choice(parquet_shards), "sample-broken-upload", [("text", filler()), ("image", broken)], "Broken upload", "truncated file"
+    )
     plan.tally("undecodable_images")
     plan.add_document(jsonl_shard, "sample-dead-link", [("text", filler()), ("image", UNREACHABLE_URL)], "Dead link", UNREACHABLE_URL)
     plan.tally("unreachable_url_images")

@@ -51,8 +51,11 @@ class Storage:
 
     def uri(self, *parts: str) -> str:
         """Full URI (with protocol for remote roots), for users and for other libraries."""
-        p = self.path(*parts)
-        return p if is_local(self.fs) else f"{self.protocol}://{p}"
+        return self.uri_of(self.path(*parts))
+
+    def uri_of(self, path: str) -> str:
+        """The URI of a filesystem path of this root (the path itself when local)."""
+        return path if is_local(self.fs) else f"{self.protocol}://{path}"
 
     def partition_dir(self, asset: str, partition: str | None) -> str:
         return self.path(asset, partition or GLOBAL_PARTITION)
@@ -93,10 +96,14 @@ class Storage:
 class _FileIO:
     """Typed reads and writes of the files of one generation folder."""
 
+    storage: Storage
     fs: fsspec.AbstractFileSystem
 
     def path(self, name: str) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def uri(self, name: str) -> str:
+        return self.storage.uri_of(self.path(name))
 
     def open(self, name: str, mode: str = "rb"):
         if "w" in mode and is_local(self.fs):
@@ -138,10 +145,6 @@ class PartitionWriter(_FileIO):
         if name not in self.files:
             self.files.append(name)
         return join_path(self.fs, self.gen_dir, name)
-
-    def uri(self, name: str) -> str:
-        p = self.path(name)
-        return p if is_local(self.fs) else f"{self.storage.protocol}://{p}"
 
     def write_bytes(self, name: str, data: bytes) -> str:
         with self.open(name, "wb") as f:
@@ -209,10 +212,6 @@ class PartitionReader(_FileIO):
 
     def path(self, name: str) -> str:
         return join_path(self.fs, self.gen_dir, name)
-
-    def uri(self, name: str) -> str:
-        p = self.path(name)
-        return p if is_local(self.fs) else f"{self.storage.protocol}://{p}"
 
     def has(self, name: str) -> bool:
         return name in self.files

@@ -49,8 +49,13 @@ class StorageResource(dg.ConfigurableResource):
 class ShardSourceResource(dg.ConfigurableResource):
     """Where the input shards live and how they are read; one shard is one partition."""
 
-    input_uri: str = Field(default=DEFAULT_INPUT, description="Folder or s3://bucket/prefix of input shards (*.parquet, *.jsonl, *.jsonl.gz).")
-    reader: InputReaderConfig = Field(default_factory=InputReaderConfig, description="Input reader plug-in: obelics (parallel images/texts lists) or mmc4 (text_list + image_info).")
+    input_uri: str = Field(
+        default=DEFAULT_INPUT, description="Folder or s3://bucket/prefix of input shards (*.parquet, *.jsonl, *.jsonl.gz)."
+    )
+    reader: InputReaderConfig = Field(
+        default_factory=InputReaderConfig,
+        description="Input reader plug-in: obelics (parallel images/texts lists) or mmc4 (text_list + image_info).",
+    )
 
     def list_shards(self) -> dict[str, str]:
         """Partition key -> shard URI, for every shard under input_uri."""
@@ -75,7 +80,7 @@ class _PluginResource(dg.ConfigurableResource):
     """A plug-in chosen by ``name`` with its ``params``; built once per process."""
 
     name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any | None] = Field(default_factory=dict)
 
     def get(self):
         return _plugin(self._kind(), self.name, json.dumps(self.params, sort_keys=True))
@@ -95,7 +100,10 @@ class EmbedderResource(_PluginResource):
     """The CLIP model of stages 4-10 (paper: EVA02-CLIP E/14-plus). open_clip falls back to a small random-weight model, with a warning, when weights cannot be had."""
 
     name: str = Field(default="open_clip", description="Embedder plug-in: open_clip or package.module:Class.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Embedder parameters, e.g. model_name, pretrained (tag or local file), fallback_model, device, batch_size.")
+    params: dict[str, Any | None] = Field(
+        default_factory=dict,
+        description="Embedder parameters, e.g. model_name, pretrained (tag or local file), fallback_model, device, batch_size.",
+    )
 
     @classmethod
     def _kind(cls) -> str:
@@ -105,8 +113,12 @@ class EmbedderResource(_PluginResource):
 class GenerationBackendResource(_PluginResource):
     """The LLM that fuses retrieved texts, caption and tags. Production: a vLLM server; embedded: SmolLM2-135M-Instruct on CPU."""
 
-    name: str = Field(default="transformers", description="transformers (in-process), vllm (OpenAI-compatible server) or package.module:Class.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Backend parameters, e.g. model; vllm: base_url, api_key, max_concurrency, timeout_s.")
+    name: str = Field(
+        default="transformers", description="transformers (in-process), vllm (OpenAI-compatible server) or package.module:Class."
+    )
+    params: dict[str, Any | None] = Field(
+        default_factory=dict, description="Backend parameters, e.g. model; vllm: base_url, api_key, max_concurrency, timeout_s."
+    )
 
     @classmethod
     def _kind(cls) -> str:
@@ -118,7 +130,9 @@ class PerplexityScorerResource(_PluginResource):
 
     enabled: bool = Field(default=True, description="Score sentences; when false the perplexity band is skipped.")
     name: str = Field(default="causal_lm", description="Perplexity scorer plug-in: causal_lm or package.module:Class.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Scorer parameters, e.g. model (HF name or path), device, batch_size.")
+    params: dict[str, Any | None] = Field(
+        default_factory=dict, description="Scorer parameters, e.g. model (HF name or path), device, batch_size."
+    )
 
     def get(self):
         return super().get() if self.enabled else None
@@ -128,7 +142,13 @@ class PerplexityScorerResource(_PluginResource):
         return "perplexity_scorer"
 
 
-def build_resources(env: str | None = None, *, input_uri: str | None = None, storage_root: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def build_resources(
+    env: str | None = None,
+    *,
+    input_uri: str | None = None,
+    storage_root: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The resources of one environment; explicit arguments win over environment variables, ``overrides`` (resource -> fields) over both.
 
     An override's ``params`` (and ``reader``) merge into the environment's, so a run config names only what it changes.
@@ -140,7 +160,11 @@ def build_resources(env: str | None = None, *, input_uri: str | None = None, sto
         current = resources[name].model_dump()
         merged = {**current, **fields}
         for nested in ("params", "reader"):
-            if isinstance(current.get(nested), dict) and isinstance(fields.get(nested), dict) and fields.get("name", current.get("name")) == current.get("name"):
+            if (
+                isinstance(current.get(nested), dict)
+                and isinstance(fields.get(nested), dict)
+                and fields.get("name", current.get("name")) == current.get("name")
+            ):
                 merged[nested] = {**current[nested], **fields[nested]}
         resources[name] = type(resources[name])(**merged)
     return resources
@@ -164,7 +188,13 @@ def _environment_resources(env: str | None, input_uri: str | None, storage_root:
                     "max_concurrency": 64,
                 },
             ),
-            "perplexity": PerplexityScorerResource(params={"model": os.environ.get("REALSYN_PPL_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct"), "device": "cuda", "batch_size": 128}),
+            "perplexity": PerplexityScorerResource(
+                params={
+                    "model": os.environ.get("REALSYN_PPL_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                    "device": "cuda",
+                    "batch_size": 128,
+                }
+            ),
         }
     if env != "local":
         raise ValueError(f"REALSYN_ENV must be 'local' or 'production', not {env!r}")

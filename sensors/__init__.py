@@ -1,6 +1,5 @@
 """Sensors: register new input shards as partitions; report failed runs."""
 
-
 import json
 import os
 
@@ -11,7 +10,12 @@ from assets.partitions import SHARDS, shard_partitions
 from resources import ShardSourceResource
 
 
-@dg.sensor(job=prepare_shards_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED, description="Lists the input location (local or S3); each new shard becomes a partition and gets a prepare_shards run.")
+@dg.sensor(
+    job=prepare_shards_job,
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Lists the input location (local or S3); each new shard becomes a partition and gets a prepare_shards run.",
+)
 def new_shards_sensor(context: dg.SensorEvaluationContext, shard_source: ShardSourceResource) -> dg.SensorResult:
     listed = shard_source.list_shards()
     known = set(context.instance.get_dynamic_partitions(SHARDS))
@@ -36,7 +40,10 @@ realsyn_automation = dg.AutomationConditionSensorDefinition(
 )
 
 
-@dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, description="Logs every failed run with its failing steps; posts to REALSYN_ALERT_WEBHOOK when set.")
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Logs every failed run with its failing steps; posts to REALSYN_ALERT_WEBHOOK when set.",
+)
 def run_failure_alert(context: dg.RunFailureSensorContext) -> None:
     steps = [e.step_key for e in context.get_step_failure_events()]
     message = f"RealSyn run {context.dagster_run.run_id} ({context.dagster_run.job_name}) failed at {steps or 'run level'}: {context.failure_event.message}"

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from realsyn.filters.base import apply_filters
 from realsyn.filters.cat import CatFilter, complexity, has_action, object_ties
-from realsyn.plugins import create_plugin
+from realsyn.plugins import build_plugin
 from realsyn.text.pos_tagger import (
     DensePerceptronTagger,
     get_tagger,
@@ -26,7 +26,7 @@ from realsyn.text.pos_tagger import (
 def cat() -> CatFilter:
     # The packaged tagger, pinned: "auto" would switch to NLTK's data where it is installed.
     f = CatFilter(tagger="perceptron")
-    f.tagger  # load once for the module
+    assert f.tagger is not None  # load once for the module
     return f
 
 
@@ -103,7 +103,7 @@ def test_thresholds_are_configurable(cat: CatFilter):
 
 
 def test_plugin_and_apply_filters(cat: CatFilter):
-    f = create_plugin("sentence_filter", "cat", tagger="perceptron")
+    f = build_plugin("sentence_filter", {"name": "cat", "params": {"tagger": "perceptron"}})
     assert f.name == "cat"
     keep, reasons = apply_filters([f], ["Sunset.", "A woman holding an umbrella in the rain.", "The red car."])
     assert keep.tolist() == [False, True, False]
@@ -237,12 +237,16 @@ def test_dense_decoding_equals_nltk_perceptron():
     dense = DensePerceptronTagger(weights, {"the": "a"}, classes)
     tokens = ["x", "y", "the", "z", "x", "x", "w"]
     assert DensePerceptronTagger.from_nltk(ref).tag(tokens) == dense.tag(tokens)
-    assert dense.tag(tokens) == ref.tag(tokens) == [
-        ("x", "a"),
-        ("y", "b"),
-        ("the", "a"),
-        ("z", "c"),
-        ("x", "a"),
-        ("x", "a"),
-        ("w", "b"),
-    ]
+    assert (
+        dense.tag(tokens)
+        == ref.tag(tokens)
+        == [
+            ("x", "a"),
+            ("y", "b"),
+            ("the", "a"),
+            ("z", "c"),
+            ("x", "a"),
+            ("x", "a"),
+            ("w", "b"),
+        ]
+    )

@@ -6,11 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from realsyn.models.causal_lm import (  # noqa: E402
     EMBEDDED_SMOLLM2,
+    MODEL_CACHE_ENV,
     SMOLLM2_GGUF_NAME,
     CausalLMLoadError,
-    embedded_smollm2_gguf,
-    MODEL_CACHE_ENV,
     convert_embedded_smollm2,
+    embedded_smollm2_gguf,
     load_causal_lm,
     resolve_model_source,
 )
@@ -41,7 +41,7 @@ def test_embedded_model_loads_generates_and_is_cached():
     with torch.no_grad():
         out1 = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         out2 = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    new_tokens = out1[0, inputs["input_ids"].shape[1]:]
+    new_tokens = out1[0, inputs["input_ids"].shape[1] :]
     assert new_tokens.shape[0] >= 1
     text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     assert text != ""

@@ -146,7 +146,20 @@ CRAFTED = np.array([0, 0b111, 0x3F, 0x7F, 2**64 - 1, 0, 2**63 | 0b11], dtype=np.
 
 def test_hamming_edges_on_crafted_hashes():
     assert hamming_edges(CRAFTED, 6).tolist() == [
-        [0, 1], [0, 2], [0, 5], [0, 6], [1, 2], [1, 3], [1, 5], [1, 6], [2, 3], [2, 5], [2, 6], [3, 6], [5, 6]]
+        [0, 1],
+        [0, 2],
+        [0, 5],
+        [0, 6],
+        [1, 2],
+        [1, 3],
+        [1, 5],
+        [1, 6],
+        [2, 3],
+        [2, 5],
+        [2, 6],
+        [3, 6],
+        [5, 6],
+    ]
     assert hamming_edges(CRAFTED, 3).tolist() == [[0, 1], [0, 5], [0, 6], [1, 2], [1, 5], [1, 6], [2, 3], [5, 6]]
     assert hamming_edges(CRAFTED, 0).tolist() == [[0, 5]]
     assert hamming_edges(np.zeros(0, dtype=np.uint64)).shape == (0, 2)

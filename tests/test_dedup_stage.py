@@ -3,8 +3,10 @@
 import numpy as np
 import pyarrow as pa
 
-from realsyn.stages.dedup import IMAGE_DEDUP, dedup_images, kept_mask
-from realsyn.stages.embed import IMAGE_EMBEDDINGS
+from realsyn import layout
+from realsyn.layout import IMAGE_DEDUP, IMAGE_EMBEDDINGS
+from realsyn.stages.common import dedup_kept_mask
+from realsyn.stages.dedup import dedup_images
 from realsyn.storage import Storage
 
 
@@ -13,18 +15,43 @@ def _write_shard(storage, shard, ids, emb, sha, phash, pixels, random_weights=Fa
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     with storage.writer(IMAGE_EMBEDDINGS, shard) as w:
         w.write_numpy("embeddings.npy", emb)
-        w.write_parquet("index.parquet", pa.table({"image_id": ids, "sha256": sha, "phash": pa.array(phash, pa.uint64()), "pixels": pa.array(pixels, pa.int64())}))
+        w.write_parquet(
+            "index.parquet",
+            pa.table({"image_id": ids, "sha256": sha, "phash": pa.array(phash, pa.uint64()), "pixels": pa.array(pixels, pa.int64())}),
+        )
         w.write_json("model.json", {"model_id": "test", "dim": emb.shape[1], "random_weights": random_weights})
 
 
 def _corpus(storage, random_weights=False):
     # a0 ~ b1 semantically (cosine 0.995), a1 == b0 byte-identical, a2 and b2 distinct
-    _write_shard(storage, "a", ["a0", "a1", "a2"], [[1, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], ["s0", "s1", "s2"], [0x0, 0xFFFF, 0xFF00FF], [100, 50, 10], random_weights)
-    _write_shard(storage, "b", ["b0", "b1", "b2"], [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], ["s1", "s4", "s5"], [0xFFFF, 0xFFFFFFFF00000000, 0xF0F0F0F0F0F0F0F0], [50, 400, 10], random_weights)
+    _write_shard(
+        storage,
+        "a",
+        ["a0", "a1", "a2"],
+        [[1, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]],
+        ["s0", "s1", "s2"],
+        [0x0, 0xFFFF, 0xFF00FF],
+        [100, 50, 10],
+        random_weights,
+    )
+    _write_shard(
+        storage,
+        "b",
+        ["b0", "b1", "b2"],
+        [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]],
+        ["s1", "s4", "s5"],
+        [0xFFFF, 0xFFFFFFFF00000000, 0xF0F0F0F0F0F0F0F0],
+        [50, 400, 10],
+        random_weights,
+    )
 
 
 def _decisions(storage, shard):
-    return {r["id"]: (r["kept"], r["representative_id"], r["reason"]) for r in storage.reader(IMAGE_DEDUP).read_parquet(f"{shard}.parquet").to_pylist()}
+    # the decision record's detail names the representative
+    return {
+        r["id"]: (r["kept"], r["detail"], r["reason"])
+        for r in storage.reader(IMAGE_DEDUP).read_parquet(layout.decisions_file(shard)).to_pylist()
+    }
 
 
 def test_semantic_and_exact_duplicates_across_shards(tmp_path):
@@ -38,7 +65,7 @@ def test_semantic_and_exact_duplicates_across_shards(tmp_path):
     assert a["a1"] == (True, "a1", None) and b["b0"] == (False, "a1", "exact_duplicate")
     assert a["a2"][0] and b["b2"][0]
     assert stats.dropped == {"exact_duplicate": 1, "semantic_duplicate": 1}
-    assert list(kept_mask(storage, IMAGE_DEDUP, "a")) == [False, True, True]
+    assert list(dedup_kept_mask(storage, IMAGE_DEDUP, "a")) == [False, True, True]
 
 
 def test_random_weight_embeddings_never_merge_distinct_images(tmp_path):
@@ -48,7 +75,10 @@ def test_random_weight_embeddings_never_merge_distinct_images(tmp_path):
     assert stats.dropped == {"exact_duplicate": 1}
     assert _decisions(storage, "a")["a0"] == (True, "a0", None)
     # an explicit opt-in applies the threshold anyway
-    assert dedup_images(storage, ["a", "b"], semantic_threshold=0.95, semantic_on_random_weights=True).dropped == {"exact_duplicate": 1, "semantic_duplicate": 1}
+    assert dedup_images(storage, ["a", "b"], semantic_threshold=0.95, semantic_on_random_weights=True).dropped == {
+        "exact_duplicate": 1,
+        "semantic_duplicate": 1,
+    }
 
 
 def test_perceptual_duplicates_by_hamming_distance(tmp_path):

@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import dagster as dg
 
@@ -15,11 +14,24 @@ def test_definitions_load_with_required_assets_and_lineage():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert REQUIRED <= keys
-    assert {"filtered_images", "filtered_sentences", "image_embeddings", "image_dedup", "sentence_dedup", "filtered_pairs", "image_clusters", "exported_splits"} <= keys
+    assert {
+        "filtered_images",
+        "filtered_sentences",
+        "image_embeddings",
+        "image_dedup",
+        "sentence_dedup",
+        "filtered_pairs",
+        "image_clusters",
+        "exported_splits",
+    } <= keys
     # lineage: the retrieval of a shard depends on the global clusters and dedup
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("retrievals")).parent_keys}
     assert parents == {"image_embeddings", "image_dedup", "sentence_clusters"}
-    assert {k.to_user_string() for k in graph.get(dg.AssetKey("sampled_splits")).parent_keys} == {"image_clusters", "retrievals", "synthetic_captions"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("sampled_splits")).parent_keys} == {
+        "image_clusters",
+        "retrievals",
+        "synthetic_captions",
+    }
     # per-shard steps are partitioned by shard; global steps are not
     assert graph.get(dg.AssetKey("image_db")).partitions_def.name == "shards"
     assert graph.get(dg.AssetKey("sentence_clusters")).partitions_def is None
@@ -29,7 +41,12 @@ def test_definitions_load_with_required_assets_and_lineage():
     k8s = emb.op.tags["dagster-k8s/config"]
     k8s = json.loads(k8s) if isinstance(k8s, str) else k8s
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {j for j in ("prepare_shards", "dedup_and_cluster", "caption_shards", "sample_and_export") if defs.resolve_job_def(j)} == {"prepare_shards", "dedup_and_cluster", "caption_shards", "sample_and_export"}
+    assert {j for j in ("prepare_shards", "dedup_and_cluster", "caption_shards", "sample_and_export") if defs.resolve_job_def(j)} == {
+        "prepare_shards",
+        "dedup_and_cluster",
+        "caption_shards",
+        "sample_and_export",
+    }
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert {"sentence_clusters_are_usable", "sampled_splits_respect_caps", "exported_splits_match_sizes"} <= checks
 
@@ -37,7 +54,9 @@ def test_definitions_load_with_required_assets_and_lineage():
 def test_production_definitions_use_k8s_executor_and_vllm():
     defs = build_definitions("production", input_uri="s3://bucket/in", storage_root="s3://bucket/out")
     assert defs.resolve_job_def("prepare_shards").executor_def.name == "k8s"
-    assert defs.resources["generator"].backend == "vllm"
+    generator = defs.resources["generator"]
+    assert generator.name == "vllm" and generator.resolved_params()["max_concurrency"] == 64
+    assert defs.resources["embedder"].resolved_params()["fallback_model"] is None  # production never falls back to random weights
     assert defs.resources["storage"].root == "s3://bucket/out"
 
 

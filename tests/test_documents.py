@@ -25,7 +25,17 @@ def _touch(path, data: bytes = b"") -> str:
 
 
 def test_list_input_shards_finds_supported_files_recursively_sorted(tmp_path):
-    for rel in ["b.parquet", "a.jsonl", "sub/deep/c.jsonl.gz", "notes.txt", "x.json", "_SUCCESS", "_tmp/y.parquet", ".cache/z.jsonl", "sub/_part.parquet"]:
+    for rel in [
+        "b.parquet",
+        "a.jsonl",
+        "sub/deep/c.jsonl.gz",
+        "notes.txt",
+        "x.json",
+        "_SUCCESS",
+        "_tmp/y.parquet",
+        ".cache/z.jsonl",
+        "sub/_part.parquet",
+    ]:
         _touch(os.path.join(tmp_path, rel))
     assert list_input_shards(str(tmp_path)) == [
         os.path.join(tmp_path, "a.jsonl"),
@@ -83,7 +93,9 @@ def _write_parquet(path, rows, schema):
 
 
 def test_obelics_parquet_skips_and_counts_malformed_rows(tmp_path):
-    schema = pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())), ("texts", pa.list_(pa.string())), ("general_metadata", pa.string())])
+    schema = pa.schema(
+        [("id", pa.string()), ("images", pa.list_(pa.string())), ("texts", pa.list_(pa.string())), ("general_metadata", pa.string())]
+    )
     rows = [
         {"id": "d0", "images": [None, "http://127.0.0.1:1/a.jpg"], "texts": ["Hello there.", None], "general_metadata": '{"lang": "en"}'},
         {"id": "d1", "images": [None, None], "texts": ["Only text."], "general_metadata": None},  # unequal lengths
@@ -95,7 +107,9 @@ def test_obelics_parquet_skips_and_counts_malformed_rows(tmp_path):
     stats = StepStats("documents")
     docs = list(ObelicsReader(batch_size=2).iter_documents(shard, stats))  # several batches
     assert [d.doc_id for d in docs] == ["d0", "part-3-3", "d4"]
-    assert docs[0] == Document("d0", [None, "http://127.0.0.1:1/a.jpg"], ["Hello there.", None], {"id": "d0", "general_metadata": {"lang": "en"}})
+    assert docs[0] == Document(
+        "d0", [None, "http://127.0.0.1:1/a.jpg"], ["Hello there.", None], {"id": "d0", "general_metadata": {"lang": "en"}}
+    )
     assert docs[1].images == [os.path.join(tmp_path, "pics/b.png")]  # relative path: beside the shard
     assert docs[1].metadata["general_metadata"] == "not json"
     assert docs[2].images == [None, "/abs/c.jpg"]  # empty reference is no image

@@ -135,7 +135,7 @@ def test_missing_local_path_falls_back_when_configured(tmp_path, caplog):
 def test_unknown_tag_falls_back_or_raises():
     assert OpenClipEmbedder("RealSyn-Tiny", pretrained="no_such_tag", device="cpu").random_weights is True
     with pytest.raises(WeightsUnavailableError, match="neither a weights file nor a known tag"):
-        OpenClipEmbedder("ViT-B-32", pretrained="no_such_tag", fallback_model=None, device="cpu").dim
+        _ = OpenClipEmbedder("ViT-B-32", pretrained="no_such_tag", fallback_model=None, device="cpu").dim
 
 
 def test_bad_rows_become_zero_vectors_and_are_counted():

@@ -5,7 +5,6 @@ import glob
 import os
 
 import dagster as dg
-import numpy as np
 import pytest
 import yaml
 
@@ -32,7 +31,16 @@ def _config(path) -> str:
                 "splits": [{"name": n, "samplers": [{"name": "cluster_cap", "params": {"cap": c}}]} for n, c in CAPS.items()]
                 + [
                     # MetaCLIP balancing after the RealSyn cap, on the real texts; POINTS on its own
-                    {"name": "metaclip", "samplers": [{"name": "cluster_cap", "params": {"cap": 5}}, {"name": "metaclip", "params": {"t": 1, "metadata_path": "embedded:visual-concepts", "text_columns": ["real_texts"]}}]},
+                    {
+                        "name": "metaclip",
+                        "samplers": [
+                            {"name": "cluster_cap", "params": {"cap": 5}},
+                            {
+                                "name": "metaclip",
+                                "params": {"t": 1, "metadata_path": "embedded:visual-concepts", "text_columns": ["real_texts"]},
+                            },
+                        ],
+                    },
                     {"name": "points", "samplers": [{"name": "points_perplexity", "params": {"keep_fraction": 0.5}}]},
                 ]
             },
@@ -57,7 +65,12 @@ def _check_outputs(storage: Storage, shards, planted):
     # stage 3: the planted bad images are dropped with their reasons
     assert sum(storage.reader("image_db", s).read_parquet("images.parquet").num_rows for s in shards) == planted["image_slots"]
     image_drops = _reasons(storage, "filtered_images", shards)
-    assert image_drops == {"short_side": planted["tiny_images"], "aspect_ratio": planted["extreme_aspect_images"], "undecodable": 1, "fetch_failed": 1}
+    assert image_drops == {
+        "short_side": planted["tiny_images"],
+        "aspect_ratio": planted["extreme_aspect_images"],
+        "undecodable": 1,
+        "fetch_failed": 1,
+    }
     # stage 4: exact copies and re-encoded/resized copies collapse to one representative each
     dedup = storage.reader("image_dedup")
     decisions = [dedup.read_parquet(layout.decisions_file(s)).to_pylist() for s in shards]
@@ -67,7 +80,12 @@ def _check_outputs(storage: Storage, shards, planted):
     assert len(kept_images) == planted["photos"]  # one survivor per distinct photo; random weights never merge distinct ones
     # stage 5: planted bad sentences are dropped with their reasons; no duplicate survives
     sentence_drops = _reasons(storage, "sentence_candidates", shards)
-    for reason, key in [("emoji", "emoji_sentences"), ("url", "url_sentences"), ("too_few_words", "too_short_sentences"), ("too_many_words", "too_long_sentences")]:
+    for reason, key in [
+        ("emoji", "emoji_sentences"),
+        ("url", "url_sentences"),
+        ("too_few_words", "too_short_sentences"),
+        ("too_many_words", "too_long_sentences"),
+    ]:
         assert sentence_drops[reason] == planted[key], reason
     assert sentence_drops["below_c1"] + sentence_drops["no_action"] > 0
     kept_sentences = set()
@@ -88,7 +106,11 @@ def _check_outputs(storage: Storage, shards, planted):
             retrieved += 1
     assert retrieved == planted["photos"]
     # stage 8: one non-empty synthetic caption per image
-    captions = [c for s in shards for c in storage.reader("synthetic_captions", s).read_parquet("captions.parquet").column("synthetic_caption").to_pylist()]
+    captions = [
+        c
+        for s in shards
+        for c in storage.reader("synthetic_captions", s).read_parquet("captions.parquet").column("synthetic_caption").to_pylist()
+    ]
     assert len(captions) == planted["photos"] and all(c.strip() for c in captions)
     # stage 10: caps respected; clusters under the cap kept whole
     clusters = {}
@@ -121,7 +143,9 @@ def _check_outputs(storage: Storage, shards, planted):
     excluded = collections.Counter(d["detail"] for d in dropped)
     assert {d["reason"] for d in dropped if d["detail"] == "cluster_cap"} == {"over_cap"}
     assert {d["reason"] for d in dropped if d["detail"] == "metaclip"} <= {"balanced_out", "no_metadata_match"}
-    assert excluded["cluster_cap"] == planted["photos"] - len(chosen("cap5")) and excluded["metaclip"] == len(chosen("cap5")) - len(meta_split)
+    assert excluded["cluster_cap"] == planted["photos"] - len(chosen("cap5")) and excluded["metaclip"] == len(chosen("cap5")) - len(
+        meta_split
+    )
     assert any(f.startswith("metaclip/report-1-") and f.endswith(".png") for f in splits.files)
     assert len(chosen("points")) == int(0.5 * planted["photos"] + 0.5)  # POINTS rounds half up
 
@@ -141,7 +165,11 @@ def _check_outputs(storage: Storage, shards, planted):
             with open(path, "wb") as f:
                 f.write(blob)
             samples += list(wds.WebDataset(path, shardshuffle=False).decode("pil").to_tuple("jpg;png;webp", "txt", "json"))
-        assert len(samples) == sum(sizes_json.values()) == len([i for s in shards for i in splits.read_parquet(f"{split}/{s}.parquet").column("image_id").to_pylist()])
+        assert (
+            len(samples)
+            == sum(sizes_json.values())
+            == len([i for s in shards for i in splits.read_parquet(f"{split}/{s}.parquet").column("image_id").to_pylist()])
+        )
         for image, txt, meta in samples:
             assert min(image.size) >= 100 and txt.strip() and len(meta["real_texts"]) == 3 and meta["synthetic_texts"] == [txt]
 
@@ -170,7 +198,11 @@ def test_whole_graph_locally_and_rerun_is_idempotent(tmp_path, monkeypatch):
     assert len(mat) == len(shards) and mat[0].asset_materialization.metadata["dagster/row_count"].value > 0
     # the asset checks of the last run passed
     for check in ("sentence_clusters_are_usable", "sampled_splits_respect_caps", "exported_splits_match_sizes"):
-        asset = {"sentence_clusters_are_usable": "sentence_clusters", "sampled_splits_respect_caps": "sampled_splits", "exported_splits_match_sizes": "exported_splits"}[check]
+        asset = {
+            "sentence_clusters_are_usable": "sentence_clusters",
+            "sampled_splits_respect_caps": "sampled_splits",
+            "exported_splits_match_sizes": "exported_splits",
+        }[check]
         records = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1)
         assert records and records[0].status.value == "SUCCEEDED", check
     first = {s: storage.reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist() for s in shards}
@@ -181,7 +213,10 @@ def test_whole_graph_locally_and_rerun_is_idempotent(tmp_path, monkeypatch):
     latest = caps[: len(shards)]
     assert sum(r.asset_materialization.metadata["generated"].value for r in latest) == 0
     assert sum(r.asset_materialization.metadata["cached"].value for r in latest) == planted["photos"]
-    again = {s: Storage(str(tmp_path / "store")).reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist() for s in shards}
+    again = {
+        s: Storage(str(tmp_path / "store")).reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist()
+        for s in shards
+    }
     assert again == first
     assert len(glob.glob(str(tmp_path / "store" / "retrievals" / shards[0] / "g-*"))) == 1
 
@@ -203,7 +238,7 @@ def test_whole_graph_on_s3(tmp_path, monkeypatch):
 
 
 def test_cli_reports_failing_asset_and_shard(tmp_path, capsys, monkeypatch):
-    from realsyn.cli import main
+    from assets.cli import main
 
     home = tmp_path / "dagster_home"  # not created: the CLI makes the persistent instance itself
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -212,7 +247,14 @@ def test_cli_reports_failing_asset_and_shard(tmp_path, capsys, monkeypatch):
     build_sample_corpus(str(corpus))
     # a caption model that cannot be loaded: the graph must stop at synthetic_captions and say so
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump({"assets": {"sentence_clusters": {"n_clusters": 4}}, "resources": {"generator": {"params": {"model": str(tmp_path / "no-such-model")}}, "perplexity": {"enabled": False}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "assets": {"sentence_clusters": {"n_clusters": 4}},
+                "resources": {"generator": {"params": {"model": str(tmp_path / "no-such-model")}}, "perplexity": {"enabled": False}},
+            }
+        )
+    )
     code = main(["run", "--input", str(corpus), "--storage", str(tmp_path / "store"), "--config", str(cfg)])
     err = capsys.readouterr().err
     assert code == 1

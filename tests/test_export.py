@@ -69,7 +69,7 @@ def test_webdataset_round_trip(tmp_path):
     ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg;png;webp", "txt", "json")
     got = list(ds)
     assert [g[0] for g in got] == [s["key"] for s in samples]
-    for (key, image, txt, meta), sample in zip(got, samples):
+    for (_key, image, txt, meta), sample in zip(got, samples):
         assert image.size == (meta["width"], meta["height"]) == (sample["json"]["width"], sample["json"]["height"])
         assert txt == sample["txt"]
         assert meta == json.loads(json.dumps(sample["json"], default=float))

@@ -7,7 +7,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from realsyn.generation.base import clean_caption  # noqa: E402
-from realsyn.plugins.kinds import GenerationBackend  # noqa: E402
 from realsyn.generation.cache import CACHE_SCHEMA, CaptionCache, generate_with_cache  # noqa: E402
 from realsyn.generation.prompts import DEFAULT_FUSION_INSTRUCTION, build_fusion_messages, prompt_sha  # noqa: E402
 from realsyn.generation.tagging import (  # noqa: E402
@@ -16,6 +15,7 @@ from realsyn.generation.tagging import (  # noqa: E402
     merge_vocabularies,
     mine_tags,
 )
+from realsyn.plugins.kinds import GenerationBackend  # noqa: E402
 
 # ---------------------------------------------------------------- prompts
 
@@ -87,7 +87,7 @@ def test_clean_caption(raw, expected):
 # ---------------------------------------------------------------- cache
 
 
-class CountingBackend:
+class CountingBackend(GenerationBackend):
     """Test double: answers with the last user message upper-cased and records every batch."""
 
     model_id = "counting"

@@ -216,14 +216,24 @@ def test_build_image_table(server, tmp_path):
         table = build_image_table(iter(docs), "part-0", ImageFetcher(timeout_s=2, retries=0), stats, workers=workers)
         assert table.schema == IMAGE_DB_SCHEMA
         rows = table.to_pylist()
-        got = [(r["image_id"], r["doc_id"], r["position"], r["source"], r["status"], r["width"], r["height"], r["format"], r["sha256"]) for r in rows]
+        got = [
+            (r["image_id"], r["doc_id"], r["position"], r["source"], r["status"], r["width"], r["height"], r["format"], r["sha256"])
+            for r in rows
+        ]
         assert got == expected
         assert {r["shard"] for r in rows} == {"part-0"}
         assert [r["image_bytes"] for r in rows] == [PNG, PNG, None, None, WEBP]
         assert [r["error"] for r in rows][:2] == [None, None] and rows[4]["error"] is None
         assert rows[2]["error"] == "UnidentifiedImageError: cannot identify image file data"
         assert rows[3]["error"].startswith("http_404")
-        assert stats.as_dict() == {"fetch_error_http_404": 1, "images_fetch_failed": 1, "images_in": 5, "images_ok": 3, "images_undecodable": 1, "seconds": 0.0}
+        assert stats.as_dict() == {
+            "fetch_error_http_404": 1,
+            "images_fetch_failed": 1,
+            "images_in": 5,
+            "images_ok": 3,
+            "images_undecodable": 1,
+            "seconds": 0.0,
+        }
         tables.append(table)
     assert tables[0].equals(tables[1])
 
@@ -244,7 +254,14 @@ def test_build_sentence_table():
     assert table.to_pylist() == [
         {"sentence_id": "d1#0.0", "shard": "part-9", "doc_id": "d1", "position": 0, "sentence_index": 0, "text": "Dr. Lee met Mr. Park."},
         {"sentence_id": "d1#0.1", "shard": "part-9", "doc_id": "d1", "position": 0, "sentence_index": 1, "text": "They spoke."},
-        {"sentence_id": "d2#0.0", "shard": "part-9", "doc_id": "d2", "position": 0, "sentence_index": 0, "text": "One sentence only, e.g. this one."},
+        {
+            "sentence_id": "d2#0.0",
+            "shard": "part-9",
+            "doc_id": "d2",
+            "position": 0,
+            "sentence_index": 0,
+            "text": "One sentence only, e.g. this one.",
+        },
     ]
     assert stats.as_dict() == {"paragraphs_empty": 1, "paragraphs_in": 3, "sentences_out": 3, "seconds": 0.0}
     assert build_sentence_table([], "s", SentenceSplitter(), StepStats("x")).equals(pa.Table.from_pylist([], schema=SENTENCE_DB_SCHEMA))

@@ -31,7 +31,9 @@ def test_step_pod_profiles_are_valid_pod_specs():
             "spec": {
                 "containers": [{"name": "step", "image": "realsyn:gpu", "resources": cfg["container_config"]["resources"]}],
                 "nodeSelector": cfg["pod_spec_config"]["node_selector"],
-                "tolerations": [{"key": t["key"], "operator": t["operator"], "effect": t["effect"]} for t in cfg["pod_spec_config"]["tolerations"]],
+                "tolerations": [
+                    {"key": t["key"], "operator": t["operator"], "effect": t["effect"]} for t in cfg["pod_spec_config"]["tolerations"]
+                ],
             },
         }
         kubernetes_validate.validate(json.loads(json.dumps(pod)), "1.30", strict=True)

@@ -10,7 +10,6 @@ from realsyn.curation import metaclip_cli
 from realsyn.curation.metaclip import (
     EntryCounter,
     MetaClipMatcher,
-    MetaClipSampler,
     StreamingBalancer,
     balance,
     balance_epoch,
@@ -23,8 +22,9 @@ from realsyn.curation.metaclip import (
     metaclip_spacing,
     plot_cumulative,
 )
-from realsyn.plugins import create_plugin
-from realsyn.sampling import uniform_keys
+from realsyn.plugins import build_plugin
+from realsyn.samplers import uniform_keys
+from realsyn.samplers.metaclip import MetaClipSampler
 
 META = [
     "dog",  # 0
@@ -65,7 +65,7 @@ def matcher():
         ("dog food", [0], "entry at the start"),
         ("a Dog", [1], "case-sensitive: 'Dog' only"),
         ("DOG", [], "case-sensitive: no entry"),
-        ("dog's bowl", [5], "apostrophe is not split: only the entry \"dog's\""),
+        ("dog's bowl", [5], 'apostrophe is not split: only the entry "dog\'s"'),
         ("(dog)", [], "parentheses are not split"),
         ("dog,cat", [0, 4], "comma is split off"),
         ("A dog.", [0], "full stop is split off"),
@@ -102,7 +102,7 @@ def test_each_wrapped_mark_is_a_word_boundary(matcher, mark):
     assert matcher.match_batch([text]) == [expected]
 
 
-@pytest.mark.parametrize("mark", ["-", "'", "(", ")", "/", "\"", "|", "\u00a0", "\u3002"])
+@pytest.mark.parametrize("mark", ["-", "'", "(", ")", "/", '"', "|", "\u00a0", "\u3002"])
 def test_other_marks_are_not_boundaries(matcher, mark):
     assert matcher.match(f"{mark}dog{mark}cat{mark}") == []
 
@@ -281,9 +281,16 @@ def test_cli_match_and_balance_jsonl(tmp_path, capsys):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps(META))
     src = tmp_path / "in.jsonl"
-    _write_jsonl(src, [{"text": "a hot dog"}, {"text": None}, "{not json", {"other": "dog"}, "", {"text": "new york city?"}, {"text": "nothing"}])
+    _write_jsonl(
+        src, [{"text": "a hot dog"}, {"text": None}, "{not json", {"other": "dog"}, "", {"text": "new york city?"}, {"text": "nothing"}]
+    )
     out = tmp_path / "out" / "matches.jsonl"
-    assert metaclip_cli.main(["match", "--metadata", str(meta), "--input", str(src), "--text-column", "text", "--output", str(out), "--batch-size", "2"]) == 0
+    assert (
+        metaclip_cli.main(
+            ["match", "--metadata", str(meta), "--input", str(src), "--text-column", "text", "--output", str(out), "--batch-size", "2"]
+        )
+        == 0
+    )
     assert _read_jsonl(out) == [
         {"row": 0, "entry_ids": [0, 2]},
         {"row": 1, "entry_ids": []},
@@ -299,7 +306,26 @@ def test_cli_match_and_balance_jsonl(tmp_path, capsys):
 
     kept = tmp_path / "kept.jsonl"
     plot = tmp_path / "plot.png"
-    assert metaclip_cli.main(["balance", "--matches", str(out), "--t", "5", "--seed", "0", "--output", str(kept), "--metadata", str(meta), "--plot", str(plot)]) == 0
+    assert (
+        metaclip_cli.main(
+            [
+                "balance",
+                "--matches",
+                str(out),
+                "--t",
+                "5",
+                "--seed",
+                "0",
+                "--output",
+                str(kept),
+                "--metadata",
+                str(meta),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     assert _read_jsonl(kept) == [{"row": 0, "entry_ids": [0, 2]}, {"row": 4, "entry_ids": [6, 7, 8, 10]}]
     summary = json.loads(capsys.readouterr().out)
     assert summary["texts"] == 6 and summary["texts_matched"] == 2 and summary["texts_kept"] == 2
@@ -317,7 +343,12 @@ def test_cli_parquet_in_and_out_and_head_balancing(tmp_path, capsys):
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"caption": texts, "n": list(range(len(texts)))}), src)
     out = tmp_path / "matches.parquet"
-    assert metaclip_cli.main(["match", "--metadata", str(meta), "--input", str(src), "--text-column", "caption", "--output", str(out), "--batch-size", "500"]) == 0
+    assert (
+        metaclip_cli.main(
+            ["match", "--metadata", str(meta), "--input", str(src), "--text-column", "caption", "--output", str(out), "--batch-size", "500"]
+        )
+        == 0
+    )
     table = pq.read_table(out)
     assert table.column("row").to_pylist() == list(range(len(texts)))
     assert table.column("entry_ids").to_pylist()[-4:] == [[0], [1], [], [0, 1]]
@@ -345,7 +376,12 @@ def test_cli_rejects_missing_column_and_bad_extension(tmp_path, capsys):
     out = tmp_path / "m.jsonl"
     assert metaclip_cli.main(["match", "--metadata", str(meta), "--input", str(src), "--text-column", "TEXT", "--output", str(out)]) == 2
     assert not out.exists()
-    assert metaclip_cli.main(["match", "--metadata", str(meta), "--input", str(src), "--text-column", "caption", "--output", str(tmp_path / "m.csv")]) == 2
+    assert (
+        metaclip_cli.main(
+            ["match", "--metadata", str(meta), "--input", str(src), "--text-column", "caption", "--output", str(tmp_path / "m.csv")]
+        )
+        == 2
+    )
     assert "error" in capsys.readouterr().err
 
 
@@ -360,7 +396,22 @@ def test_cli_reads_and_writes_s3(tmp_path, capsys):
         with fs.open("curation/in/texts.parquet", "wb") as f:
             pq.write_table(pa.table({"TEXT": ["a hot dog", "nothing", "York, new york"]}), f)
         out = "s3://curation/out/matches.jsonl"
-        assert metaclip_cli.main(["match", "--metadata", "s3://curation/meta.json", "--input", "s3://curation/in/texts.parquet", "--text-column", "TEXT", "--output", out]) == 0
+        assert (
+            metaclip_cli.main(
+                [
+                    "match",
+                    "--metadata",
+                    "s3://curation/meta.json",
+                    "--input",
+                    "s3://curation/in/texts.parquet",
+                    "--text-column",
+                    "TEXT",
+                    "--output",
+                    out,
+                ]
+            )
+            == 0
+        )
         assert [json.loads(line) for line in fs.cat_file("curation/out/matches.jsonl").decode().splitlines()] == [
             {"row": 0, "entry_ids": [0, 2]},
             {"row": 1, "entry_ids": []},
@@ -383,7 +434,14 @@ def test_add_metaclip_commands_wires_into_a_parent_parser(tmp_path):
 
 
 def _candidates(ids, real, synthetic):
-    return pa.table({"image_id": ids, "cluster": list(range(len(ids))), "real_texts": pa.array(real, pa.list_(pa.string())), "synthetic_caption": synthetic})
+    return pa.table(
+        {
+            "image_id": ids,
+            "cluster": list(range(len(ids))),
+            "real_texts": pa.array(real, pa.list_(pa.string())),
+            "synthetic_caption": synthetic,
+        }
+    )
 
 
 def test_sampler_fit_select_and_report(tmp_path):
@@ -391,7 +449,7 @@ def test_sampler_fit_select_and_report(tmp_path):
     meta.write_text(json.dumps(META))
     b1 = _candidates(["i0", "i1", "i2"], [["a dog", "a cat"], [], None], ["hot dog", "nothing", None])
     b2 = _candidates(["i3", None], [["York"], ["dog"]], ["new york", "cat"])
-    sampler = create_plugin("sampler", "metaclip", metadata_path=str(meta), t=20000, seed=0)
+    sampler = build_plugin("sampler", {"name": "metaclip", "params": {"metadata_path": str(meta), "t": 20000, "seed": 0}})
     assert isinstance(sampler, MetaClipSampler) and sampler.required_columns == ("image_id", "real_texts", "synthetic_caption")
     offsets, ids = sampler.row_matches(b1)
     assert offsets.tolist() == [0, 3, 3, 3] and ids.tolist() == [0, 2, 4]  # union of list elements and caption
@@ -436,8 +494,27 @@ def test_realsyn_cli_writes_gzipped_matches_and_exits_2_on_bad_input(tmp_path, c
     src = tmp_path / "in.jsonl"
     src.write_text('{"t": "a dog and a red car"}\n{"t": "nothing"}\n')
     out = tmp_path / "m.jsonl.gz"
-    assert realsyn_main(["metaclip", "match", "--metadata", str(meta), "--input", str(src), "--text-column", "t", "--output", str(out)]) == 0
+    assert (
+        realsyn_main(["metaclip", "match", "--metadata", str(meta), "--input", str(src), "--text-column", "t", "--output", str(out)]) == 0
+    )
     rows = [json.loads(line) for line in _gzip.open(out, "rt")]
     assert rows == [{"row": 0, "entry_ids": [0, 1]}, {"row": 1, "entry_ids": []}]
-    assert realsyn_main(["metaclip", "match", "--metadata", str(tmp_path / "missing.json"), "--input", str(src), "--text-column", "t", "--output", str(tmp_path / "x.jsonl")]) == 2
-    assert "realsyn metaclip: error:" in capsys.readouterr().err
+    assert (
+        realsyn_main(
+            [
+                "metaclip",
+                "match",
+                "--metadata",
+                str(tmp_path / "missing.json"),
+                "--input",
+                str(src),
+                "--text-column",
+                "t",
+                "--output",
+                str(tmp_path / "x.jsonl"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("realsyn metaclip match: error:") and "missing.json" in err[0]

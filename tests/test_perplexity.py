@@ -6,14 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from realsyn.curation.perplexity import (
-    CausalLMPerplexityScorer,
-    PointsPerplexitySampler,
-    tie_break_keys,
-)
+from realsyn.curation.perplexity import CausalLMPerplexityScorer
 from realsyn.filters.base import apply_filters
 from realsyn.filters.perplexity_band import EMBEDDED_SCORER_BAND, PerplexityBandFilter
-from realsyn.plugins import create_plugin
+from realsyn.plugins import build_plugin
+from realsyn.samplers.points import PointsPerplexitySampler, tie_break_keys
 
 FLUENT = [
     "A man is riding a horse along the beach.",
@@ -150,7 +147,7 @@ def test_band_filter_reasons_with_paper_band(item, reason):
 
 
 def test_band_filter_custom_band_key_and_plugin():
-    band = create_plugin("sentence_filter", "perplexity_band", low=10, high=20, score_key="ppl")
+    band = PerplexityBandFilter(low=10, high=20, score_key="ppl")
     assert band.name == "perplexity_band"
     items = [{"ppl": 9.99}, {"ppl": 10}, {"ppl": 20}, {"ppl": 20.5}, {"perplexity": 15}]
     assert band.reasons(items) == [
@@ -212,8 +209,11 @@ def test_points_keeps_exactly_the_lowest_fraction_across_uneven_batches():
     keep = select_all(sampler, batches, state)
     assert keep.sum() == 198
     assert sampler.stats.counts == {
-        "fit_rows": 1000, "fit_missing_score": 10, "selected": 198,
-        "dropped_perplexity_missing": 10, "dropped_perplexity_above_points_cut": 792,
+        "fit_rows": 1000,
+        "fit_missing_score": 10,
+        "selected": 198,
+        "dropped_perplexity_missing": 10,
+        "dropped_perplexity_above_points_cut": 792,
     }
     kept, dropped = scores[keep], scores[~keep & ~np.isnan(scores)]
     assert kept.max() <= dropped.min()
@@ -244,7 +244,7 @@ def test_points_never_keeps_nan_or_null_scores():
     nulls = pa.table({"text_perplexity": pa.array([None, 5.0, None], pa.float64()), "image_id": ["a", "b", "c"]})
     state = everything.fit([nulls])
     assert everything.select(nulls, state).tolist() == [False, True, False]
-    assert everything.drop_reasons(nulls, state) == ["perplexity_missing", None, "perplexity_missing"]
+    assert everything.reasons(nulls, state) == ["perplexity_missing", None, "perplexity_missing"]
 
 
 def test_points_rounding_empty_and_zero_fraction():
@@ -253,7 +253,7 @@ def test_points_rounding_empty_and_zero_fraction():
     state = half.fit([table])
     assert half.select(table, state).tolist() == [False, True, False, True, True]
     cut = "perplexity_above_points_cut"
-    assert half.drop_reasons(table, state) == [cut, None, cut, None, None]
+    assert half.reasons(table, state) == [cut, None, cut, None, None]
     none = PointsPerplexitySampler(keep_fraction=0.0)
     assert not none.select(table, none.fit([table])).any()
     empty_state = half.fit([])
@@ -262,7 +262,7 @@ def test_points_rounding_empty_and_zero_fraction():
     assert not half.select(table, empty_state).any()
     with pytest.raises(ValueError):
         PointsPerplexitySampler(keep_fraction=1.5)
-    assert isinstance(create_plugin("sampler", "points_perplexity"), PointsPerplexitySampler)
+    assert isinstance(build_plugin("sampler", "points_perplexity"), PointsPerplexitySampler)
 
 
 def test_tie_break_keys_are_fixed_per_id():

@@ -84,8 +84,12 @@ JSONL_ROWS = [
     json.dumps({"url": "u7", "image_info": []}).encode(),  # 7: no text_list
     json.dumps({"url": "u8", "text_list": ["ok"], "image_info": None}).encode(),  # 8: image_info not a list
     json.dumps({"document_id": 42, "url": "ignored", "text_list": ["Text only."], "image_info": []}).encode(),  # 9
-    json.dumps({"text_list": [], "image_info": [_img("f.jpg", "s3://bkt/f.jpg", 0), _img("g.png", None, None, bytes="data:image/png;base64,AAAA")]}).encode(),  # 10
-    json.dumps({"url": "https://example.org/cats", "text_list": ["Again."], "image_info": [_img("h.jpg", "http://127.0.0.1:1/h.jpg", True)]}).encode(),  # 11
+    json.dumps(
+        {"text_list": [], "image_info": [_img("f.jpg", "s3://bkt/f.jpg", 0), _img("g.png", None, None, bytes="data:image/png;base64,AAAA")]}
+    ).encode(),  # 10
+    json.dumps(
+        {"url": "https://example.org/cats", "text_list": ["Again."], "image_info": [_img("h.jpg", "http://127.0.0.1:1/h.jpg", True)]}
+    ).encode(),  # 11
 ]
 
 
@@ -148,7 +152,13 @@ def _parquet_m0():
     row["image_info"] = [
         {"image_name": "a.jpg", "raw_url": "http://127.0.0.1:1/a.jpg", "matched_text_index": 1, "matched_sim": 0.31, "image_bytes": None},
         {"image_name": "b.png", "raw_url": None, "matched_text_index": 1, "matched_sim": 0.29, "image_bytes": PNG},
-        {"image_name": "c.jpg", "raw_url": "http://127.0.0.1:1/ignored.jpg", "matched_text_index": 0, "matched_sim": 0.25, "image_bytes": JPEG},
+        {
+            "image_name": "c.jpg",
+            "raw_url": "http://127.0.0.1:1/ignored.jpg",
+            "matched_text_index": 0,
+            "matched_sim": 0.25,
+            "image_bytes": JPEG,
+        },
         {"image_name": "d.jpg", "raw_url": "http://127.0.0.1:1/d.jpg", "matched_text_index": 7, "matched_sim": 0.22, "image_bytes": None},
         {"image_name": "e.jpg", "raw_url": "pics/e.jpg", "matched_text_index": None, "matched_sim": 0.3, "image_bytes": None},
     ]
@@ -179,7 +189,10 @@ def test_mmc4_parquet_raw_bytes_in_small_batches(tmp_path):
 
 
 def test_mmc4_is_lazy_and_images_dir_uses_image_name(tmp_path):
-    lines = [json.dumps({"id": str(i), "text_list": [f"Text {i}."], "image_info": [_img(f"{i}.jpg", f"http://127.0.0.1:1/{i}.jpg", 0)]}) for i in range(3)]
+    lines = [
+        json.dumps({"id": str(i), "text_list": [f"Text {i}."], "image_info": [_img(f"{i}.jpg", f"http://127.0.0.1:1/{i}.jpg", 0)]})
+        for i in range(3)
+    ]
     shard = _touch(tmp_path / "corpus" / "lazy.jsonl", "\n".join(lines).encode())
     stats = StepStats("documents")
     it = Mmc4Reader().iter_documents(shard, stats)
@@ -282,7 +295,11 @@ def test_mmc4_document_equals_its_obelics_twin_and_gives_the_same_db_rows(tmp_pa
     # Raw bytes on both sides: MMC4 base64 in JSONL, OBELICS a binary image column in Parquet.
     raw_mmc4 = dict(TWIN_MMC4, image_info=[_img("p.png", None, 2, image_bytes=B64_PNG), _img("j.jpg", None, 0, base64=B64_JPEG)])
     (raw_mmc4_doc,) = Mmc4Reader().iter_documents(_touch(tmp_path / "raw-m.jsonl", json.dumps(raw_mmc4).encode()), StepStats("m"))
-    raw_obelics = dict(TWIN_OBELICS, images=[JPEG, None, None, PNG, None], texts=[None, "First paragraph. Two sentences.", "Second paragraph.", None, "Third one here."])
+    raw_obelics = dict(
+        TWIN_OBELICS,
+        images=[JPEG, None, None, PNG, None],
+        texts=[None, "First paragraph. Two sentences.", "Second paragraph.", None, "Third one here."],
+    )
     schema = pa.schema([("url", pa.string()), ("source", pa.string()), ("images", pa.list_(pa.binary())), ("texts", pa.list_(pa.string()))])
     pq.write_table(pa.Table.from_pylist([raw_obelics], schema=schema), tmp_path / "raw-o.parquet")
     (raw_obelics_doc,) = ObelicsReader().iter_documents(str(tmp_path / "raw-o.parquet"), StepStats("o"))
@@ -291,4 +308,6 @@ def test_mmc4_document_equals_its_obelics_twin_and_gives_the_same_db_rows(tmp_pa
     # decoded bytes and data: URIs of the same images give the same image rows
     # decoded bytes and data: URIs of the same images give the same image content rows
     content = ("source", "image_bytes", "sha256", "width", "height", "format", "status")
-    assert [[r[k] for k in content] for r in _db_rows(raw_mmc4_doc)[0]] == [[r[k] for k in content] for r in images if r["source"] == "inline"]
+    assert [[r[k] for k in content] for r in _db_rows(raw_mmc4_doc)[0]] == [
+        [r[k] for k in content] for r in images if r["source"] == "inline"
+    ]

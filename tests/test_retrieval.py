@@ -3,8 +3,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from realsyn.clustering import assign, cluster_order, train_kmeans
 from realsyn import retrieval
+from realsyn.clustering import assign, cluster_order, train_kmeans
 from realsyn.retrieval import exact_search, hierarchical_search
 from realsyn.runtime import l2_normalize
 

@@ -100,7 +100,12 @@ def test_ingest_reads_it_all_back_with_exact_noise(corpus):
     assert len(local) == 1 and local[0]["status"] == "ok" and local[0]["source"].startswith(out)
 
     # Near duplicates are 90 % copies of a photo of the same title.
-    photo_size = {d.metadata["general_metadata"]["title"]: (r["width"], r["height"]) for r in images for d in [docs_by_id[r["doc_id"]]] if d.doc_id.startswith("sample-") and d.metadata["general_metadata"]["image_source"] not in ("repost", "resized copy")}
+    photo_size = {
+        d.metadata["general_metadata"]["title"]: (r["width"], r["height"])
+        for r in images
+        for d in [docs_by_id[r["doc_id"]]]
+        if d.doc_id.startswith("sample-") and d.metadata["general_metadata"]["image_source"] not in ("repost", "resized copy")
+    }
     resized = [r for r in images if r["doc_id"].startswith("sample-resized-")]
     assert len(resized) == 3
     for r in resized:

@@ -4,8 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from realsyn.plugins import create_plugin
-from realsyn.sampling import ClusterCapSampler, state_from_npz, state_to_npz, uniform_keys
+from realsyn.plugins import build_plugin
+from realsyn.samplers import state_from_npz, state_to_npz, uniform_keys
+from realsyn.samplers.cluster_cap import ClusterCapSampler
 
 
 def _table(sizes: list[int], prefix: str = "img") -> pa.Table:
@@ -125,7 +126,7 @@ def test_state_round_trips_through_npz_without_pickle():
 
 
 def test_registered_as_a_sampler_plugin():
-    sampler = create_plugin("sampler", "cluster_cap", cap=3, seed=1)
+    sampler = build_plugin("sampler", {"name": "cluster_cap", "params": {"cap": 3, "seed": 1}})
     assert isinstance(sampler, ClusterCapSampler) and sampler.required_columns == ("image_id", "cluster")
     empty = sampler.fit([])
     assert empty["threshold"].shape == (0,) and empty["counts"].shape == (0,)

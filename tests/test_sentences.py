@@ -15,7 +15,10 @@ from realsyn.text.sentences import SentenceSplitter, punkt_parameters
         ("Mrs. Brown lives in the U.S. with her dog. The dog is old.", ["Mrs. Brown lives in the U.S. with her dog.", "The dog is old."]),
         ("Some birds, e.g. parrots, can talk. Others cannot.", ["Some birds, e.g. parrots, can talk.", "Others cannot."]),
         ("It is cheap, i.e. under a dollar. Buy it!", ["It is cheap, i.e. under a dollar.", "Buy it!"]),
-        ("Prof. Lee has a Ph.D. in physics. Is that rare? Not really.", ["Prof. Lee has a Ph.D. in physics.", "Is that rare?", "Not really."]),
+        (
+            "Prof. Lee has a Ph.D. in physics. Is that rare? Not really.",
+            ["Prof. Lee has a Ph.D. in physics.", "Is that rare?", "Not really."],
+        ),
         ("J. S. Bach wrote it. So do I. Then we left.", ["J. S. Bach wrote it.", "So do I.", "Then we left."]),
         ("It costs 3.5 dollars. Version 2.0 is out.", ["It costs 3.5 dollars.", "Version 2.0 is out."]),
         ("  A line\nbroken   inside.\n\nNext one.  ", ["A line broken inside.", "Next one."]),

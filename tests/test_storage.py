@@ -32,7 +32,11 @@ def _roundtrip(storage: Storage):
     assert r2.generation != first_gen
     assert r2.files == ["t.parquet"]
     assert r2.read_parquet("t.parquet").num_rows == 1
-    gens = [p for p in storage.fs.ls(storage.partition_dir("asset_a", "shard-1"), detail=False) if os.path.basename(p.rstrip("/")).startswith("g-")]
+    gens = [
+        p
+        for p in storage.fs.ls(storage.partition_dir("asset_a", "shard-1"), detail=False)
+        if os.path.basename(p.rstrip("/")).startswith("g-")
+    ]
     assert len(gens) == 1
 
     # a writer that fails leaves the committed output untouched and no staging behind
@@ -42,7 +46,11 @@ def _roundtrip(storage: Storage):
             raise RuntimeError("boom")
     r3 = storage.reader("asset_a", "shard-1")
     assert r3.generation == r2.generation and r3.read_parquet("t.parquet").num_rows == 1
-    gens = [p for p in storage.fs.ls(storage.partition_dir("asset_a", "shard-1"), detail=False) if os.path.basename(p.rstrip("/")).startswith("g-")]
+    gens = [
+        p
+        for p in storage.fs.ls(storage.partition_dir("asset_a", "shard-1"), detail=False)
+        if os.path.basename(p.rstrip("/")).startswith("g-")
+    ]
     assert len(gens) == 1
 
     with storage.writer("asset_a") as w:

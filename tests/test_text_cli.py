@@ -89,9 +89,7 @@ def test_filter_perplexity_band_on_parquet_keeps_the_schema(tmp_path, capsys):
     texts = ["A dog runs on the grass."] * 7 + ["Hi", "A cat sleeps on a mat."]
     scores = [29.9, 30.0, 120.0, 200.0, 200.5, None, float("nan"), 50.0, 480.0]
     src = tmp_path / "scored.parquet"
-    table = pa.table(
-        {"id": pa.array(range(9), pa.int32()), "text": texts, "ppl": pa.array(scores, pa.float32())}
-    )
+    table = pa.table({"id": pa.array(range(9), pa.int32()), "text": texts, "ppl": pa.array(scores, pa.float32())})
     pq.write_table(table, src, row_group_size=4)
     out = tmp_path / "kept.parquet"
     argv = ["text", "filter", "--input", str(src), "--text-column", "text", "--output", str(out), "--perplexity-column", "ppl"]
@@ -244,7 +242,23 @@ def test_s3_round_trip(capsys):
         with fs.open("curation/in/sentences.parquet", "wb") as f:
             pq.write_table(pa.table({"text": [s for s, _ in SENTENCES[:5]]}), f)
         out = "s3://curation/out/kept.jsonl"
-        assert main(["text", "filter", "--input", "s3://curation/in/sentences.parquet", "--text-column", "text", "--filter", "rules", "--output", out]) == 0
+        assert (
+            main(
+                [
+                    "text",
+                    "filter",
+                    "--input",
+                    "s3://curation/in/sentences.parquet",
+                    "--text-column",
+                    "text",
+                    "--filter",
+                    "rules",
+                    "--output",
+                    out,
+                ]
+            )
+            == 0
+        )
         assert [json.loads(line) for line in fs.cat_file("curation/out/kept.jsonl").decode().splitlines()] == [
             {"text": SENTENCES[0][0]},
             {"text": SENTENCES[1][0]},
@@ -275,9 +289,32 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_output(tmp_path, capsys):
     _write_jsonl(jsonl, [{"caption": "A dog runs."}])
     assert main(["text", "perplexity", "--input", str(jsonl), "--text-column", "text", "--output", str(out)]) == 2
     assert "first row has no field 'text'" in capsys.readouterr().err
-    assert main(["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filter", "rules", "--filter", "nope", "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "text",
+                "filter",
+                "--input",
+                str(jsonl),
+                "--text-column",
+                "caption",
+                "--filter",
+                "rules",
+                "--filter",
+                "nope",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "no sentence_filter plug-in named 'nope'" in capsys.readouterr().err
-    assert main(["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filter", "rules", "--output", str(tmp_path / "o.csv")]) == 2
+    assert (
+        main(
+            ["text", "filter", "--input", str(jsonl), "--text-column", "caption", "--filter", "rules", "--output", str(tmp_path / "o.csv")]
+        )
+        == 2
+    )
     assert "expected a .parquet or .jsonl file" in capsys.readouterr().err
     assert main(["text", "points", "--input", str(tmp_path / "absent.jsonl"), "--output", str(out)]) == 2
     assert "absent.jsonl" in capsys.readouterr().err
@@ -296,7 +333,7 @@ def test_filter_spec_is_a_name_or_a_dotted_path_with_optional_json_params():
     with pytest.raises(ValueError, match="not a JSON object"):
         parse_plugin_spec("rules:{min_words: 2}")
     with pytest.raises(ValueError, match="no plug-in name"):
-        parse_plugin_spec('{"min_words": 2}')
+        parse_plugin_spec(':{"min_words": 2}')
 
 
 def test_filter_plugins_by_dotted_path_and_validated_params(tmp_path, capsys):
@@ -308,6 +345,7 @@ def test_filter_plugins_by_dotted_path_and_validated_params(tmp_path, capsys):
     assert main(argv + ["--filter", dotted + ':{"max_words": 12}', "--filter", "cat"]) == 0
     assert [r["text"] for r in _read_jsonl(out)] == [s for s, r in SENTENCES if r is None]
     assert _summary(capsys)["filters"] == [dotted, "cat"]
+    kept = out.read_bytes()
 
     def one_error_line(code):
         assert code == 2
@@ -323,4 +361,4 @@ def test_filter_plugins_by_dotted_path_and_validated_params(tmp_path, capsys):
     assert "not a JSON object" in one_error_line(main(argv + ["--filter", "rules:{max_words: 12}"]))
     assert "--low/--high" in one_error_line(main(argv + ["--filter", 'perplexity_band:{"low": 1}']))
     assert "cannot import" in one_error_line(main(argv + ["--filter", "no_such_module:Filter"]))
-    assert not out.exists()
+    assert out.read_bytes() == kept  # bad config never touches the output

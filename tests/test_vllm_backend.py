@@ -76,7 +76,13 @@ class FakeVllm:
                         "id": "cmpl-1",
                         "object": "chat.completion",
                         "model": MODEL,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": f'"{" ".join(last_user.split())[::-1]}"'}, "finish_reason": "stop"}],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": f'"{" ".join(last_user.split())[::-1]}"'},
+                                "finish_reason": "stop",
+                            }
+                        ],
                     },
                 )
 

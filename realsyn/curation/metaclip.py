@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from realsyn.stats import StepStats
-
 PUNCTUATION_TO_WRAP = (",", ".", ";", ":", "?", "!", "`")
 CHARS_TO_SPACE = ("\t", "\n", "\r")
 
@@ -348,7 +346,14 @@ def plot_cumulative(counts_before: np.ndarray, counts_after: np.ndarray, t: floa
         split = int(np.searchsorted(before, t, side="right"))  # first head entry
         if split < len(before):
             ax.axvline(split, color="grey", linestyle="--", linewidth=1)
-            ax.text(split, ax.get_ylim()[1] * 0.95, f"head/tail split at t: {len(before) - split} head entries ", color="grey", va="top", ha="right")
+            ax.text(
+                split,
+                ax.get_ylim()[1] * 0.95,
+                f"head/tail split at t: {len(before) - split} head entries ",
+                color="grey",
+                va="top",
+                ha="right",
+            )
         ax.set_xlabel("metadata entries sorted by count")
         ax.set_ylabel("cumulative matches")
         ax.set_title("MetaCLIP entry distribution")

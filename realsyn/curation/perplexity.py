@@ -6,15 +6,12 @@ Scores are computed once and stored as a column; thresholds (RealSyn's band filt
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from realsyn.stats import StepStats
+from realsyn.plugins.kinds import PerplexityScorer
 
 EMBEDDED_SCORER = "embedded:smollm2-135m-instruct"
 
@@ -25,7 +22,7 @@ EMBEDDED_SCORER = "embedded:smollm2-135m-instruct"
 DOCUMENT_START_TOKENS: dict[str, str] = {EMBEDDED_SCORER: "<|endoftext|>"}
 
 
-class CausalLMPerplexityScorer:
+class CausalLMPerplexityScorer(PerplexityScorer):
     """Per-text perplexity = exp(mean next-token NLL over the text's tokens).
 
     A start token is prepended so the first word is scored too: ``bos_token`` if given, else the

@@ -285,7 +285,7 @@ def _add_subcommands(sub: Any) -> None:
         action="append",
         metavar="NAME[:{JSON}]",
         help="a sentence_filter plug-in, repeatable, applied in order: a registered name (rules, cat) or package.module:Class, "
-        'optionally with params as a JSON object, e.g. \'rules:{"min_words": 2}\'; the name perplexity_band places the '
+        "optionally with params as a JSON object, e.g. 'rules:{\"min_words\": 2}'; the name perplexity_band places the "
         f"band set by --low/--high/--band-model (default: {' '.join(DEFAULT_FILTERS)})",
     )
     flt.add_argument(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from realsyn.plugins.kinds import Embedder
 from realsyn.runtime import hub_offline, l2_normalize, resolve_device
 from realsyn.stats import StepStats
 
@@ -155,7 +156,7 @@ def _build(model_name: str, weights: _ResolvedWeights | None, device: str, preci
     )
 
 
-class OpenClipEmbedder:
+class OpenClipEmbedder(Embedder):
     """Embeds images (encoded bytes) and texts into one L2-normalised CLIP space.
 
     Rows that cannot be embedded (undecodable image, non-string text) come back as all-zero
@@ -208,7 +209,11 @@ class OpenClipEmbedder:
         logger.warning(
             "CLIP weights %s/%s unavailable (%s); using %s with RANDOM weights (seed %d): "
             "embeddings are deterministic but not semantically meaningful",
-            self.model_name, self.pretrained, why, self.fallback_model, self.seed,
+            self.model_name,
+            self.pretrained,
+            why,
+            self.fallback_model,
+            self.seed,
         )
         return _build(self.fallback_model, None, device, self.precision, self.seed)
 

@@ -48,6 +48,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from realsyn.plugins.kinds import SentenceFilter
+
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 COMMON_NOUN_TAGS = frozenset({"NN", "NNS"})
 VERB_TAGS = frozenset({"VB", "VBD", "VBG", "VBN", "VBP", "VBZ"})
@@ -78,9 +80,7 @@ NON_DESCRIPTIVE_ADJECTIVES = frozenset(
     {"other", "such", "same", "own", "certain", "various", "only", "next", "last", "previous", "following", "further"}
 )
 # Subordinating conjunctions tagged IN: they open a clause, they do not relate two objects.
-SUBORDINATORS = frozenset(
-    {"that", "because", "if", "whether", "although", "though", "unless", "while", "whereas", "so", "than", "once"}
-)
+SUBORDINATORS = frozenset({"that", "because", "if", "whether", "although", "though", "unless", "while", "whereas", "so", "than", "once"})
 
 REASON_NO_ACTION = "no_action"
 REASON_NOT_TEXT = "not_text"
@@ -170,9 +170,7 @@ def _is_preposition(words: Sequence[str], tags: Sequence[str], k: int) -> bool:
     return k < len(tags) and tags[k] in ("IN", "TO") and words[k].lower() not in SUBORDINATORS
 
 
-def _relation_target(
-    words: Sequence[str], tags: Sequence[str], obj: _Object, heads_by_start: dict[int, int]
-) -> int | None:
+def _relation_target(words: Sequence[str], tags: Sequence[str], obj: _Object, heads_by_start: dict[int, int]) -> int | None:
     """Head index of the object that ``obj`` relates to through a possessive, verb or preposition."""
     k, n = obj.head + 1, len(tags)
     if k >= n:
@@ -263,7 +261,7 @@ class CatVerdict:
     reason: str | None
 
 
-class CatFilter:
+class CatFilter(SentenceFilter):
     """CAT filter over sentences (str items): drops ``below_c1``, then ``no_action``."""
 
     name = "cat"

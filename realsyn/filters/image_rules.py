@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from realsyn.plugins.kinds import ImageFilter
 
-class ImageRuleFilter:
+
+class ImageRuleFilter(ImageFilter):
     """Rules on image_db rows (keys ``status``, ``width``, ``height``).
 
     Reasons, first match wins: ``fetch_failed``, ``undecodable`` (status not ``ok`` or no usable

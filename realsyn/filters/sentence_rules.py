@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from realsyn.plugins.kinds import SentenceFilter
+
 # Code points that are emoji or pictographs (Unicode Emoji_Presentation / Extended_Pictographic,
 # minus the Latin-1 and punctuation-like ones such as (c), (R), TM, !! and arrows, which count
 # only when followed by the emoji presentation selector U+FE0F, itself listed here).
@@ -66,7 +68,7 @@ def count_words(text: str) -> int:
     return sum(1 for token in text.split() if any(ch.isalnum() for ch in token))
 
 
-class SentenceRuleFilter:
+class SentenceRuleFilter(SentenceFilter):
     """Reasons, first match wins: ``emoji``, ``url``, ``too_few_words`` (< min), ``too_many_words`` (> max)."""
 
     name = "sentence_rules"

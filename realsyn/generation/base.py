@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-
 _PREFIX = re.compile(
     r"^\s*(?:here\s+is\s+(?:the|a|my)\s+(?:\w+\s+)?(?:caption|description)\s*[:.\-]?"
     r"|(?:the\s+)?(?:synthetic\s+|fused\s+|final\s+|image\s+)?(?:caption|description)\s*(?:is\s*)?[:\-])\s*",

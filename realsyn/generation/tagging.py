@@ -13,6 +13,8 @@ from importlib import resources
 
 import numpy as np
 
+from realsyn.plugins.kinds import Tagger
+
 # Function words and common verbs/adjectives/adverbs that are never visual concepts.
 STOPWORDS = frozenset(
     """
@@ -86,7 +88,7 @@ def _l2_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, valid
 
 
-class ClipVocabularyTagger:
+class ClipVocabularyTagger(Tagger):
     """Top-k vocabulary tags per image by cosine of image and prompt-wrapped tag embeddings."""
 
     def __init__(

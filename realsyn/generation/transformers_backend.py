@@ -6,9 +6,10 @@ from typing import Any
 
 from realsyn.generation.base import clean_caption
 from realsyn.models.causal_lm import EMBEDDED_SMOLLM2
+from realsyn.plugins.kinds import GenerationBackend
 
 
-class TransformersBackend:
+class TransformersBackend(GenerationBackend):
     """Left-padded batched ``model.generate`` over chat-templated prompts.
 
     Greedy when temperature == 0; otherwise sampling, reseeded from ``seed`` at every ``generate``

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from realsyn.generation.base import clean_caption
+from realsyn.plugins.kinds import GenerationBackend
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class VllmRequestError(RuntimeError):
     """The server could not be reached or kept failing; the message names the URL."""
 
 
-class VllmOpenAIBackend:
+class VllmOpenAIBackend(GenerationBackend):
     """``POST {base_url}/v1/chat/completions``, up to ``max_concurrency`` requests in flight.
 
     429, 5xx, timeouts and connection errors are retried ``retries`` times with exponential backoff

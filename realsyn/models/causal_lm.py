@@ -216,9 +216,3 @@ def _save_dequantized(lm: Any, directory: Path) -> None:
         seen.add(tensor.data_ptr())
         tensors[name] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def clear_cache() -> None:
-    """Forget loaded models (frees memory; the next load reads the files again)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()

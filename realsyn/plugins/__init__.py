@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pydantic
@@ -81,7 +81,9 @@ def plugin_class(kind: str, name: str) -> type:
     dotted = registered.get(name)
     if dotted is None:
         if ":" not in name:
-            raise PluginConfigError(f"no {kind} plug-in named {name!r}; known: {sorted(registered)}, or a dotted path 'package.module:Class'")
+            raise PluginConfigError(
+                f"no {kind} plug-in named {name!r}; known: {sorted(registered)}, or a dotted path 'package.module:Class'"
+            )
         dotted = name
     try:
         cls = _import(dotted)
@@ -91,11 +93,13 @@ def plugin_class(kind: str, name: str) -> type:
         raise PluginConfigError(f"{kind} {name!r}: {dotted} is not a class")
     missing = [m for m in KINDS[kind].required if not hasattr(cls, m)]
     if missing:
-        raise PluginConfigError(f"{kind} {name!r}: {dotted} lacks {', '.join(missing)} of the {KINDS[kind].__name__} contract (realsyn.plugins.kinds)")
+        raise PluginConfigError(
+            f"{kind} {name!r}: {dotted} lacks {', '.join(missing)} of the {KINDS[kind].__name__} contract (realsyn.plugins.kinds)"
+        )
     return cls
 
 
-@lru_cache(maxsize=None)
+@cache
 def params_model(cls: type) -> type[pydantic.BaseModel]:
     """A pydantic model of the class's keyword parameters, from its annotated ``__init__``."""
     signature = inspect.signature(cls.__init__)
@@ -145,4 +149,15 @@ def known_plugins() -> dict[str, list[str]]:
     return {kind: sorted(REGISTRY.get(kind, {})) for kind in KINDS}
 
 
-__all__ = ["REGISTRY", "KINDS", "Plugin", "PluginConfigError", "PluginSpec", "build_plugin", "known_plugins", "params_model", "plugin_class", "validate_params"]
+__all__ = [
+    "REGISTRY",
+    "KINDS",
+    "Plugin",
+    "PluginConfigError",
+    "PluginSpec",
+    "build_plugin",
+    "known_plugins",
+    "params_model",
+    "plugin_class",
+    "validate_params",
+]

@@ -8,7 +8,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from realsyn.curation.metaclip import EntryCounter, MetaClipMatcher, epoch_hash_seed, distribution_table, keep_probability_csr, load_metadata, plot_cumulative
+from realsyn.curation.metaclip import (
+    EntryCounter,
+    MetaClipMatcher,
+    distribution_table,
+    epoch_hash_seed,
+    keep_probability_csr,
+    load_metadata,
+    plot_cumulative,
+)
 from realsyn.plugins.kinds import Sampler
 from realsyn.samplers import uniform_keys
 from realsyn.stats import StepStats
@@ -26,7 +34,15 @@ class MetaClipSampler(Sampler):
 
     name = "metaclip"
 
-    def __init__(self, metadata_path: str, t: int = 20000, seed: int = 0, text_columns: Sequence[str] = ("real_texts", "synthetic_caption"), id_column: str = "image_id", epoch: int | None = None):
+    def __init__(
+        self,
+        metadata_path: str,
+        t: int = 20000,
+        seed: int = 0,
+        text_columns: Sequence[str] = ("real_texts", "synthetic_caption"),
+        id_column: str = "image_id",
+        epoch: int | None = None,
+    ):
         if t <= 0:
             raise ValueError(f"t must be positive, got {t}")
         if not text_columns:
@@ -127,7 +143,10 @@ class MetaClipSampler(Sampler):
         self.stats.drop("no_metadata_match", int((valid & ~matched).sum()))
         self.stats.drop("balanced_out", int((valid & matched & ~mask).sum()))
         self.stats.add("selected", int(mask.sum()))
-        return [None if k else "null_image_id" if not v else "no_metadata_match" if not m else "balanced_out" for k, v, m in zip(mask, valid, matched)]
+        return [
+            None if k else "null_image_id" if not v else "no_metadata_match" if not m else "balanced_out"
+            for k, v, m in zip(mask, valid, matched)
+        ]
 
     def report(self, state: dict[str, np.ndarray]) -> dict[str, pa.Table | bytes]:
         """Transparency outputs: the entry distribution (Parquet) and the cumulative plot (PNG)."""

@@ -33,7 +33,18 @@ def _save_cache(storage: Storage, shard: str, cache) -> None:
     storage.write_file(f"{layout.CAPTION_CACHE_DIR}/{shard}.parquet", buf.getvalue())
 
 
-def generate_captions(storage: Storage, shard: str, backend: GenerationBackend, *, instruction: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8, tagger: Tagger | None = None, embedder: Embedder | None = None) -> StepStats:
+def generate_captions(
+    storage: Storage,
+    shard: str,
+    backend: GenerationBackend,
+    *,
+    instruction: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    tagger: Tagger | None = None,
+    embedder: Embedder | None = None,
+) -> StepStats:
     """One synthetic caption per image fused from its retrieved texts (and tags when a tagger is set).
 
     Finished captions are cached by (image_id, prompt hash) under ``_cache/``, persisted after every
@@ -92,7 +103,9 @@ def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float
 
     stats = StepStats(layout.FILTERED_PAIRS)
     with stats.timed():
-        captions = storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption", "status"])
+        captions = storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(
+            layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption", "status"]
+        )
         ids, emb = kept_image_embeddings(storage, shard)
         by_id = dict(zip(ids, range(len(ids))))
         cap_ids = captions.column("image_id").to_pylist()
@@ -102,7 +115,9 @@ def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float
         if low is None or high is None:
             band = default_band(embedder.model_id, embedder.random_weights)
             if band is None:
-                log.warning("filtered_pairs: no calibrated similarity band for %s; set low/high in config. Passing every pair.", embedder.model_id)
+                log.warning(
+                    "filtered_pairs: no calibrated similarity band for %s; set low/high in config. Passing every pair.", embedder.model_id
+                )
                 band = (-1.0, 1.0)
             low = band[0] if low is None else low
             high = band[1] if high is None else high
@@ -114,7 +129,9 @@ def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float
         stats.drop_reasons(reasons)
         with storage.writer(layout.FILTERED_PAIRS, shard) as w:
             # scores kept apart from the band that judged them
-            w.write_parquet(layout.SIMILARITY_FILE, pa.table({"image_id": pa.array(cap_ids, pa.string()), "similarity": pa.array(sim, pa.float32())}))
+            w.write_parquet(
+                layout.SIMILARITY_FILE, pa.table({"image_id": pa.array(cap_ids, pa.string()), "similarity": pa.array(sim, pa.float32())})
+            )
             w.write_parquet(layout.DECISIONS_FILE, decision_table(cap_ids, reasons, [f"{float(x):.4f}" for x in sim]))
             w.write_json(layout.BAND_FILE, {"low": low, "high": high, "model_id": embedder.model_id})
     return stats

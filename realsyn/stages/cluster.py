@@ -21,11 +21,25 @@ def _kept_sentences(storage: Storage, shard: str) -> tuple[np.ndarray, pa.Table]
     """Embeddings and (sentence_id, text) of one shard's sentences that survived dedup."""
     mask = dedup_kept_mask(storage, layout.SENTENCE_DEDUP, shard)
     emb = np.asarray(storage.reader(layout.SENTENCE_EMBEDDINGS, shard).read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32)[mask]
-    texts = storage.reader(layout.FILTERED_SENTENCES, shard).read_parquet(layout.SENTENCES_FILE, columns=["sentence_id", "text"]).filter(pa.array(mask))
+    texts = (
+        storage.reader(layout.FILTERED_SENTENCES, shard)
+        .read_parquet(layout.SENTENCES_FILE, columns=["sentence_id", "text"])
+        .filter(pa.array(mask))
+    )
     return emb, texts
 
 
-def cluster_sentences(storage: Storage, shards: Sequence[str], *, n_clusters: int | None = None, sentences_per_cluster: int = 420, max_points_per_centroid: int = 256, niter: int = 20, seed: int = 0, bank_parts: int = 1) -> StepStats:
+def cluster_sentences(
+    storage: Storage,
+    shards: Sequence[str],
+    *,
+    n_clusters: int | None = None,
+    sentences_per_cluster: int = 420,
+    max_points_per_centroid: int = 256,
+    niter: int = 20,
+    seed: int = 0,
+    bank_parts: int = 1,
+) -> StepStats:
     """K-means on a sample, assignment of every kept sentence, and the cluster-ordered bank."""
     from realsyn.clustering import ReservoirSample, assign, cluster_order, train_kmeans
 
@@ -53,7 +67,12 @@ def cluster_sentences(storage: Storage, shards: Sequence[str], *, n_clusters: in
                 emb, texts = _kept_sentences(storage, s)
                 ids, scores = assign(emb, centroids, 1)
                 sizes += np.bincount(ids[:, 0], minlength=k)
-                w.write_parquet(layout.assignments_file(s), texts.select(["sentence_id"]).append_column("cluster", pa.array(ids[:, 0].astype(np.int32))).append_column("score", pa.array(scores[:, 0])))
+                w.write_parquet(
+                    layout.assignments_file(s),
+                    texts.select(["sentence_id"])
+                    .append_column("cluster", pa.array(ids[:, 0].astype(np.int32)))
+                    .append_column("score", pa.array(scores[:, 0])),
+                )
             # one pass over the shards per bank part keeps memory at one part
             part_rows = []
             for p in range(bank_parts):
@@ -74,7 +93,17 @@ def cluster_sentences(storage: Storage, shards: Sequence[str], *, n_clusters: in
                 w.write_parquet(f"bank/part-{p:05d}.parquet", tab_p.append_column("cluster", pa.array((cl_p[order] + lo).astype(np.int32))))
                 for c in range(lo, hi):
                     part_rows.append((c, p, int(offsets[c - lo]), int(offsets[c - lo + 1])))
-            w.write_parquet(layout.CLUSTER_LAYOUT_FILE, pa.table({"cluster": [r[0] for r in part_rows], "part": [r[1] for r in part_rows], "start": [r[2] for r in part_rows], "end": [r[3] for r in part_rows]}))
+            w.write_parquet(
+                layout.CLUSTER_LAYOUT_FILE,
+                pa.table(
+                    {
+                        "cluster": [r[0] for r in part_rows],
+                        "part": [r[1] for r in part_rows],
+                        "start": [r[2] for r in part_rows],
+                        "end": [r[3] for r in part_rows],
+                    }
+                ),
+            )
             stats.add("sentences", n_kept)
             stats.add("clusters", k)
             stats.add("bank_parts", bank_parts)
@@ -91,7 +120,16 @@ def _embeddings_of(storage: Storage, shard: str, image_ids: Sequence[str]) -> np
     return np.asarray(reader.read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32)[[pos[i] for i in image_ids]]
 
 
-def cluster_images(storage: Storage, shards: Sequence[str], *, n_clusters: int | None = None, images_per_cluster: int = 168, max_points_per_centroid: int = 256, niter: int = 20, seed: int = 0) -> StepStats:
+def cluster_images(
+    storage: Storage,
+    shards: Sequence[str],
+    *,
+    n_clusters: int | None = None,
+    images_per_cluster: int = 168,
+    max_points_per_centroid: int = 256,
+    niter: int = 20,
+    seed: int = 0,
+) -> StepStats:
     """K-means of the kept pairs' image embeddings (paper: 168M images into 1M centres)."""
     from realsyn.clustering import ReservoirSample, assign, train_kmeans
 
@@ -114,7 +152,10 @@ def cluster_images(storage: Storage, shards: Sequence[str], *, n_clusters: int |
             for s in shards:
                 ids, _ = assign(_embeddings_of(storage, s, kept[s]), centroids, 1)
                 counts += np.bincount(ids[:, 0], minlength=len(centroids))
-                w.write_parquet(layout.assignments_file(s), pa.table({"image_id": pa.array(kept[s], pa.string()), "cluster": pa.array(ids[:, 0].astype(np.int32))}))
+                w.write_parquet(
+                    layout.assignments_file(s),
+                    pa.table({"image_id": pa.array(kept[s], pa.string()), "cluster": pa.array(ids[:, 0].astype(np.int32))}),
+                )
             w.write_numpy(layout.CLUSTER_COUNTS_FILE, counts)
             stats.add("images", n)
             stats.add("clusters", len(centroids))

@@ -28,7 +28,9 @@ def _model_info(storage: Storage, asset: str, shard: str) -> dict:
     return storage.reader(asset, shard).read_json(layout.MODEL_FILE)
 
 
-def _semantic_edges(storage: Storage, asset: str, shards: Sequence[str], threshold: float, index_factory: str, stats: StepStats) -> np.ndarray:
+def _semantic_edges(
+    storage: Storage, asset: str, shards: Sequence[str], threshold: float, index_factory: str, stats: StepStats
+) -> np.ndarray:
     from realsyn.dedup import SemanticIndex
 
     dim = int(_model_info(storage, asset, shards[0])["dim"])
@@ -52,7 +54,16 @@ def _semantic_edges(storage: Storage, asset: str, shards: Sequence[str], thresho
     return out
 
 
-def _write_decisions(storage: Storage, asset: str, shards: Sequence[str], sizes: list[int], ids: list[str], reps: np.ndarray, reasons: list[str | None], info: dict) -> None:
+def _write_decisions(
+    storage: Storage,
+    asset: str,
+    shards: Sequence[str],
+    sizes: list[int],
+    ids: list[str],
+    reps: np.ndarray,
+    reasons: list[str | None],
+    info: dict,
+) -> None:
     with storage.writer(asset) as w:
         offset = 0
         for s, n in zip(shards, sizes):
@@ -63,7 +74,9 @@ def _write_decisions(storage: Storage, asset: str, shards: Sequence[str], sizes:
         w.write_json(layout.SUMMARY_FILE, info)
 
 
-def _semantic_threshold(storage: Storage, asset: str, shards: Sequence[str], threshold: float | None, on_random_weights: bool) -> float | None:
+def _semantic_threshold(
+    storage: Storage, asset: str, shards: Sequence[str], threshold: float | None, on_random_weights: bool
+) -> float | None:
     if threshold is None:
         return None
     info = _model_info(storage, asset, shards[0])
@@ -84,7 +97,18 @@ def _column(tables: list[pa.Table], name: str) -> list:
     return [x for t in tables for x in t.column(name).to_pylist()]
 
 
-def _decide(storage: Storage, asset: str, shards: Sequence[str], sizes: list[int], ids: list[str], edges: list[np.ndarray], priority: np.ndarray | None, reason_of: Callable[[int, int], str], stats: StepStats, info: dict) -> None:
+def _decide(
+    storage: Storage,
+    asset: str,
+    shards: Sequence[str],
+    sizes: list[int],
+    ids: list[str],
+    edges: list[np.ndarray],
+    priority: np.ndarray | None,
+    reason_of: Callable[[int, int], str],
+    stats: StepStats,
+    info: dict,
+) -> None:
     """Union-Find over all edges, one representative per component, a reason for every other member."""
     from realsyn.dedup import representatives
 
@@ -99,7 +123,16 @@ def _decide(storage: Storage, asset: str, shards: Sequence[str], sizes: list[int
     _write_decisions(storage, asset, shards, sizes, ids, reps, reasons, {**info, **stats.as_dict()})
 
 
-def dedup_images(storage: Storage, shards: Sequence[str], *, exact: bool = True, perceptual_max_distance: int | None = 6, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
+def dedup_images(
+    storage: Storage,
+    shards: Sequence[str],
+    *,
+    exact: bool = True,
+    perceptual_max_distance: int | None = 6,
+    semantic_threshold: float | None = 0.95,
+    semantic_on_random_weights: bool = False,
+    index_factory: str = "Flat",
+) -> StepStats:
     from realsyn.dedup import exact_duplicate_edges, hamming_edges
 
     stats = StepStats(layout.IMAGE_DEDUP)
@@ -131,7 +164,16 @@ def dedup_images(storage: Storage, shards: Sequence[str], *, exact: bool = True,
     return stats
 
 
-def dedup_sentences(storage: Storage, shards: Sequence[str], *, exact: bool = True, normalized: bool = True, semantic_threshold: float | None = 0.95, semantic_on_random_weights: bool = False, index_factory: str = "Flat") -> StepStats:
+def dedup_sentences(
+    storage: Storage,
+    shards: Sequence[str],
+    *,
+    exact: bool = True,
+    normalized: bool = True,
+    semantic_threshold: float | None = 0.95,
+    semantic_on_random_weights: bool = False,
+    index_factory: str = "Flat",
+) -> StepStats:
     from realsyn.dedup import exact_duplicate_edges
 
     stats = StepStats(layout.SENTENCE_DEDUP)
@@ -154,4 +196,3 @@ def dedup_sentences(storage: Storage, shards: Sequence[str], *, exact: bool = Tr
         info = {"semantic_threshold": threshold, "exact": exact, "normalized": normalized}
         _decide(storage, layout.SENTENCE_DEDUP, shards, sizes, ids, edges, None, reason_of, stats, info)
     return stats
-

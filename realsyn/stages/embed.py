@@ -35,12 +35,23 @@ def embed_images(storage: Storage, shard: str, embedder: Embedder) -> StepStats:
 
     stats = StepStats(layout.IMAGE_EMBEDDINGS)
     with stats.timed():
-        table = storage.reader(layout.FILTERED_IMAGES, shard).read_parquet(layout.IMAGES_FILE, columns=["image_id", "image_bytes", "sha256", "width", "height"])
+        table = storage.reader(layout.FILTERED_IMAGES, shard).read_parquet(
+            layout.IMAGES_FILE, columns=["image_id", "image_bytes", "sha256", "width", "height"]
+        )
         blobs = table.column("image_bytes").to_pylist()
         emb = _embed_in_chunks(embedder.embed_images, blobs, EMBED_CHUNK, embedder.dim)
         phash = np.array([perceptual_hash(b) for b in blobs], dtype=np.uint64)
-        pixels = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(table.column("height").to_numpy(zero_copy_only=False), np.int64)
-        index = pa.table({"image_id": table.column("image_id"), "sha256": table.column("sha256"), "phash": pa.array(phash, pa.uint64()), "pixels": pa.array(pixels, pa.int64())})
+        pixels = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
+            table.column("height").to_numpy(zero_copy_only=False), np.int64
+        )
+        index = pa.table(
+            {
+                "image_id": table.column("image_id"),
+                "sha256": table.column("sha256"),
+                "phash": pa.array(phash, pa.uint64()),
+                "pixels": pa.array(pixels, pa.int64()),
+            }
+        )
         stats.add("rows_embedded", len(blobs))
         _write_embeddings(storage, layout.IMAGE_EMBEDDINGS, shard, emb, index, embedder)
     return stats

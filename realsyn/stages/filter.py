@@ -21,14 +21,27 @@ from realsyn.storage import Storage
 IMAGE_FILTER_COLUMNS = ["status", "width", "height", "format"]
 
 
-def _write_filtered(storage: Storage, asset: str, shard: str, name: str, table: pa.Table, keep: np.ndarray, reasons: list[str | None], id_column: str, detail_column: str | None, stats: StepStats) -> None:
+def _write_filtered(
+    storage: Storage,
+    asset: str,
+    shard: str,
+    name: str,
+    table: pa.Table,
+    keep: np.ndarray,
+    reasons: list[str | None],
+    id_column: str,
+    detail_column: str | None,
+    stats: StepStats,
+) -> None:
     stats.add("rows_in", table.num_rows)
     stats.add("rows_out", int(keep.sum()))
     stats.drop_reasons(reasons)
     details = None
     if detail_column:
         # the detail says why only where something was dropped
-        details = pa.array([None if r is None else d for r, d in zip(reasons, table.column(detail_column).cast(pa.string()).to_pylist())], pa.string())
+        details = pa.array(
+            [None if r is None else d for r, d in zip(reasons, table.column(detail_column).cast(pa.string()).to_pylist())], pa.string()
+        )
     with storage.writer(asset, shard) as w:
         w.write_parquet(name, table.filter(pa.array(keep)))
         w.write_parquet(layout.DECISIONS_FILE, decision_table(table.column(id_column), reasons, details))
@@ -49,7 +62,9 @@ def filter_sentence_candidates(storage: Storage, shard: str, filters: Sequence[S
     with stats.timed():
         table = storage.reader(layout.SENTENCE_DB, shard).read_parquet(layout.SENTENCES_FILE)
         keep, reasons = apply_filters(filters, table.column("text").to_pylist())
-        _write_filtered(storage, layout.SENTENCE_CANDIDATES, shard, layout.SENTENCES_FILE, table, keep, reasons, "sentence_id", "text", stats)
+        _write_filtered(
+            storage, layout.SENTENCE_CANDIDATES, shard, layout.SENTENCES_FILE, table, keep, reasons, "sentence_id", "text", stats
+        )
     return stats
 
 
@@ -65,7 +80,9 @@ def score_sentence_perplexity(storage: Storage, shard: str, scorer: PerplexitySc
             scores = np.asarray(scorer.score(table.column("text").to_pylist()), dtype=np.float32)
             model = scorer.model_id
         stats.add("rows_scored", 0 if scorer is None else table.num_rows)
-        out = table.append_column("perplexity", pa.array(scores, pa.float32())).append_column("perplexity_model", pa.array([model] * table.num_rows, pa.string()))
+        out = table.append_column("perplexity", pa.array(scores, pa.float32())).append_column(
+            "perplexity_model", pa.array([model] * table.num_rows, pa.string())
+        )
         with storage.writer(layout.SENTENCE_PERPLEXITY, shard) as w:
             w.write_parquet(layout.SENTENCES_FILE, out)
     return stats
@@ -80,5 +97,7 @@ def filter_sentences_by_perplexity(storage: Storage, shard: str, band_filter=Non
             keep, reasons = np.ones(table.num_rows, dtype=bool), [None] * table.num_rows
         else:
             keep, reasons = apply_filters([band_filter], table.select(["perplexity"]).to_pylist())
-        _write_filtered(storage, layout.FILTERED_SENTENCES, shard, layout.SENTENCES_FILE, table, keep, reasons, "sentence_id", "perplexity", stats)
+        _write_filtered(
+            storage, layout.FILTERED_SENTENCES, shard, layout.SENTENCES_FILE, table, keep, reasons, "sentence_id", "perplexity", stats
+        )
     return stats

@@ -8,7 +8,15 @@ from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
 
-def ingest_shard(storage: Storage, shard: str, shard_uri: str, *, reader: PluginSpec | dict | str = "obelics", fetch_timeout_s: float = 10.0, max_image_bytes: int = 20_000_000) -> tuple[StepStats, StepStats]:
+def ingest_shard(
+    storage: Storage,
+    shard: str,
+    shard_uri: str,
+    *,
+    reader: PluginSpec | dict | str = "obelics",
+    fetch_timeout_s: float = 10.0,
+    max_image_bytes: int = 20_000_000,
+) -> tuple[StepStats, StepStats]:
     """Read one input shard once with the configured input reader; write its image DB and sentence DB."""
     from realsyn.image_db import ImageFetcher, build_image_table, build_sentence_table
     from realsyn.text.sentences import SentenceSplitter

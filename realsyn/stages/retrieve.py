@@ -73,7 +73,9 @@ def retrieve_for_shard(storage: Storage, shard: str, *, k: int = 3, n_probe: int
             out_ids.append([p[0] for p in pairs])
             out_texts.append([p[1] for p in pairs])
             out_scores.append([float(x) for x in scores[i][valid[i]]])
-        table = pa.table({"image_id": image_ids, "sentence_ids": out_ids, "texts": out_texts, "scores": out_scores}, schema=layout.RETRIEVAL_SCHEMA)
+        table = pa.table(
+            {"image_id": image_ids, "sentence_ids": out_ids, "texts": out_texts, "scores": out_scores}, schema=layout.RETRIEVAL_SCHEMA
+        )
         stats.add("images", len(image_ids))
         stats.add("texts_retrieved", int(valid.sum()))
         short = int((valid.sum(axis=1) < k).sum()) if len(image_ids) else 0

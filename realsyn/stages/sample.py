@@ -40,11 +40,15 @@ class _Candidates:
         assigned = self.storage.reader(layout.IMAGE_CLUSTERS).read_parquet(layout.assignments_file(shard))
         ids = assigned.column("image_id").to_pylist()
         retr = self.storage.reader(layout.RETRIEVALS, shard).read_parquet(layout.RETRIEVALS_FILE, columns=["image_id", "texts"])
-        caps = self.storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption"])
+        caps = self.storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(
+            layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption"]
+        )
         rpos = {x: i for i, x in enumerate(retr.column("image_id").to_pylist())}
         cpos = {x: i for i, x in enumerate(caps.column("image_id").to_pylist())}
         table = assigned.append_column("real_texts", retr.column("texts").take(pa.array([rpos[i] for i in ids], pa.int64())))
-        table = table.append_column("synthetic_caption", caps.column("synthetic_caption").take(pa.array([cpos[i] for i in ids], pa.int64())))
+        table = table.append_column(
+            "synthetic_caption", caps.column("synthetic_caption").take(pa.array([cpos[i] for i in ids], pa.int64()))
+        )
         if "text_perplexity" in need:
             if shard not in self._perplexity:
                 scorer = self.scorer_factory() if self.scorer_factory else None
@@ -55,7 +59,16 @@ class _Candidates:
         return table
 
 
-def _fit_and_decide(w, split: str, position: int, spec: PluginSpec, shards: Sequence[str], cands: _Candidates, reasons: dict[str, np.ndarray], dropped_by: dict[str, np.ndarray]) -> None:
+def _fit_and_decide(
+    w,
+    split: str,
+    position: int,
+    spec: PluginSpec,
+    shards: Sequence[str],
+    cands: _Candidates,
+    reasons: dict[str, np.ndarray],
+    dropped_by: dict[str, np.ndarray],
+) -> None:
     """Fit one sampler of the chain on what is still alive, then record its own reason for each row it drops."""
     sampler = build_plugin("sampler", spec)
     need = tuple(sampler.required_columns)
@@ -87,7 +100,13 @@ def _fit_and_decide(w, split: str, position: int, spec: PluginSpec, shards: Sequ
                 dropped_by[s][row] = spec.name
 
 
-def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[SplitSpec], *, perplexity_scorer: Callable[[], PerplexityScorer | None] | None = None) -> dict[str, StepStats]:
+def sample_splits(
+    storage: Storage,
+    shards: Sequence[str],
+    splits: Sequence[SplitSpec],
+    *,
+    perplexity_scorer: Callable[[], PerplexityScorer | None] | None = None,
+) -> dict[str, StepStats]:
     """Fit each split's sampler chain on compact per-shard tables, then decide shard by shard."""
     if not splits:
         raise ValueError("sampled_splits: no split configured")
@@ -107,7 +126,10 @@ def sample_splits(storage: Storage, shards: Sequence[str], splits: Sequence[Spli
                 for s, t in base.items():
                     keep = np.array([r is None for r in reasons[s]], dtype=bool)
                     w.write_parquet(layout.split_selection_file(split.name, s), t.select(["image_id", "cluster"]).filter(pa.array(keep)))
-                    w.write_parquet(layout.split_decisions_file(split.name, s), decision_table(t.column("image_id"), list(reasons[s]), list(dropped_by[s])))
+                    w.write_parquet(
+                        layout.split_decisions_file(split.name, s),
+                        decision_table(t.column("image_id"), list(reasons[s]), list(dropped_by[s])),
+                    )
                     stats.add("rows_in", t.num_rows)
                     stats.add("rows_out", int(keep.sum()))
                     stats.drop_reasons(reasons[s])

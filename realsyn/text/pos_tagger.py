@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -126,9 +126,7 @@ def packaged_model_path() -> Path:
     """Path of the perceptron weights inside the installed ``textblob-aptagger`` (never imported)."""
     spec = importlib.util.find_spec(PACKAGED_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the offline POS tagger needs the package textblob-aptagger (pip install textblob-aptagger --no-deps)"
-        )
+        raise ModuleNotFoundError("the offline POS tagger needs the package textblob-aptagger (pip install textblob-aptagger --no-deps)")
     path = Path(next(iter(spec.submodule_search_locations))) / PACKAGED_MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"tagger weights missing: {path}")
@@ -172,7 +170,7 @@ def get_tagger(name: str = "auto") -> Tagger:
     return _load_tagger(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_tagger(name: str) -> Tagger:
     if name == "nltk":
         from nltk.tag.perceptron import PerceptronTagger
