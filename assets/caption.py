@@ -3,23 +3,19 @@
 import dagster as dg
 
 from assets.configs import GenerationConfig, SimilarityBandConfig
-from assets.execution import GPU_BACKFILL, GPU_POOL, GPU_STEP_TAGS, NIGHTLY_REBUILD
+from assets.execution import shard_asset
 from assets.metadata import merged, stats_metadata
-from assets.partitions import shard_partitions
 from realsyn import layout
 from realsyn.stages import caption as stage
 from resources import EmbedderResource, GenerationBackendResource, StorageResource
 
 
-@dg.asset(
-    automation_condition=NIGHTLY_REBUILD,
+@shard_asset(
+    layout.SYNTHETIC_CAPTIONS,
     deps=[layout.RETRIEVALS],
-    partitions_def=shard_partitions,
-    group_name=layout.CAPTION,
-    op_tags=GPU_STEP_TAGS,
-    pool=GPU_POOL,
-    backfill_policy=GPU_BACKFILL,
     description="One synthetic caption per image: an LLM fuses the retrieved real texts and the image's tags. Cached by (image, prompt) so reruns never regenerate.",
+    profile="gpu",
+    rebuild_nightly=True,
 )
 def synthetic_captions(
     context: dg.AssetExecutionContext,
@@ -55,15 +51,12 @@ def synthetic_captions(
     )
 
 
-@dg.asset(
-    automation_condition=NIGHTLY_REBUILD,
+@shard_asset(
+    layout.FILTERED_PAIRS,
     deps=[layout.SYNTHETIC_CAPTIONS, layout.IMAGE_EMBEDDINGS],
-    partitions_def=shard_partitions,
-    group_name=layout.CAPTION,
-    op_tags=GPU_STEP_TAGS,
-    pool=GPU_POOL,
-    backfill_policy=GPU_BACKFILL,
     description="Image vs synthetic-caption cosine; pairs outside the band dropped (EVA02-CLIP E/14-plus: 0.51..0.61), decisions.parquet with each cosine.",
+    profile="gpu",
+    rebuild_nightly=True,
 )
 def filtered_pairs(
     context: dg.AssetExecutionContext, config: SimilarityBandConfig, storage: StorageResource, embedder: EmbedderResource

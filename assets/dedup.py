@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets.configs import ImageDedupConfig, SentenceDedupConfig
-from assets.execution import GLOBAL_STEP_TAGS, NIGHTLY_REBUILD
+from assets.execution import global_asset
 from assets.metadata import stats_metadata
 from assets.partitions import ALL_SHARDS, registered_shards
 from realsyn import layout
@@ -11,11 +11,9 @@ from realsyn.stages import dedup as stage
 from resources import ShardSourceResource, StorageResource
 
 
-@dg.asset(
-    automation_condition=NIGHTLY_REBUILD,
+@global_asset(
+    layout.IMAGE_DEDUP,
     deps=[dg.AssetDep(layout.IMAGE_EMBEDDINGS, partition_mapping=ALL_SHARDS)],
-    group_name=layout.DEDUP,
-    op_tags=GLOBAL_STEP_TAGS,
     description="Per shard: which images survive exact, perceptual (pHash) and semantic (CLIP) dedup; one representative per Union-Find component (decisions/{shard}.parquet).",
 )
 def image_dedup(
@@ -25,11 +23,9 @@ def image_dedup(
     return dg.MaterializeResult(metadata=stats_metadata(stats, path=storage.get().uri(layout.IMAGE_DEDUP)))
 
 
-@dg.asset(
-    automation_condition=NIGHTLY_REBUILD,
+@global_asset(
+    layout.SENTENCE_DEDUP,
     deps=[dg.AssetDep(layout.SENTENCE_EMBEDDINGS, partition_mapping=ALL_SHARDS)],
-    group_name=layout.DEDUP,
-    op_tags=GLOBAL_STEP_TAGS,
     description="Per shard: which sentences survive exact, normalised-text and semantic dedup (decisions/{shard}.parquet).",
 )
 def sentence_dedup(

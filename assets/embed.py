@@ -2,9 +2,8 @@
 
 import dagster as dg
 
-from assets.execution import GPU_BACKFILL, GPU_POOL, GPU_STEP_TAGS
+from assets.execution import shard_asset
 from assets.metadata import merged, stats_metadata
-from assets.partitions import shard_partitions
 from realsyn import layout
 from realsyn.stages import embed as stage
 from resources import EmbedderResource, StorageResource
@@ -14,14 +13,11 @@ def _model_metadata(embedder) -> dict:
     return {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights}
 
 
-@dg.asset(
+@shard_asset(
+    layout.IMAGE_EMBEDDINGS,
     deps=[layout.FILTERED_IMAGES],
-    partitions_def=shard_partitions,
-    group_name=layout.EMBED,
-    op_tags=GPU_STEP_TAGS,
-    pool=GPU_POOL,
-    backfill_policy=GPU_BACKFILL,
     description="L2-normalised CLIP image embeddings (NumPy) aligned with index.parquet (image_id, sha256, pHash, pixels).",
+    profile="gpu",
 )
 def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
     model = embedder.get()
@@ -35,14 +31,11 @@ def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource
     )
 
 
-@dg.asset(
+@shard_asset(
+    layout.SENTENCE_EMBEDDINGS,
     deps=[layout.FILTERED_SENTENCES],
-    partitions_def=shard_partitions,
-    group_name=layout.EMBED,
-    op_tags=GPU_STEP_TAGS,
-    pool=GPU_POOL,
-    backfill_policy=GPU_BACKFILL,
     description="L2-normalised CLIP text embeddings aligned with index.parquet (sentence_id, exact and normalised text keys).",
+    profile="gpu",
 )
 def sentence_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
     model = embedder.get()

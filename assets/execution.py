@@ -5,8 +5,12 @@ are inert. ``pool="gpu"`` caps GPU steps across runs (set the pool limit on the 
 """
 
 import os
+from collections.abc import Sequence
 
 import dagster as dg
+
+from assets.partitions import shard_partitions
+from realsyn import layout
 
 GPU_POOL = "gpu"
 
@@ -55,3 +59,32 @@ GPU_BACKFILL = dg.BackfillPolicy.single_run()
 # eager: a re-enabled automation sensor must never flood the GPU pool.
 REBUILD_CRON = os.environ.get("REALSYN_REBUILD_CRON", "0 2 * * *")
 NIGHTLY_REBUILD = dg.AutomationCondition.on_cron(REBUILD_CRON)
+
+
+STEP_TAGS = {"cpu": CPU_STEP_TAGS, "gpu": GPU_STEP_TAGS, "global": GLOBAL_STEP_TAGS}
+
+
+def shard_asset(key: str, *, deps: Sequence, description: str, profile: str = "cpu", rebuild_nightly: bool = False):
+    """A per-shard asset: partitioned by input shard, grouped by its stage, run with a step profile.
+
+    ``profile="gpu"`` also puts it in the GPU pool with the GPU backfill policy; ``rebuild_nightly``
+    puts it under the nightly rebuild (the steps downstream of the global ones).
+    """
+    kwargs = {"partitions_def": shard_partitions, "op_tags": STEP_TAGS[profile]}
+    if profile == "gpu":
+        kwargs.update(pool=GPU_POOL, backfill_policy=GPU_BACKFILL)
+    if rebuild_nightly:
+        kwargs["automation_condition"] = NIGHTLY_REBUILD
+    return dg.asset(name=key, deps=list(deps), description=description, group_name=layout.STAGE_OF[key], **kwargs)
+
+
+def global_asset(key: str, *, deps: Sequence, description: str):
+    """A global asset: one run over every registered shard, on a big-memory pod, rebuilt nightly."""
+    return dg.asset(
+        name=key,
+        deps=list(deps),
+        description=description,
+        group_name=layout.STAGE_OF[key],
+        op_tags=GLOBAL_STEP_TAGS,
+        automation_condition=NIGHTLY_REBUILD,
+    )

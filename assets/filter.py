@@ -3,9 +3,8 @@
 import dagster as dg
 
 from assets.configs import ImageFilterConfig, PerplexityBandConfig, SentenceFilterConfig
-from assets.execution import CPU_STEP_TAGS, GPU_BACKFILL, GPU_POOL, GPU_STEP_TAGS
+from assets.execution import shard_asset
 from assets.metadata import merged, stats_metadata
-from assets.partitions import shard_partitions
 from realsyn import layout
 from realsyn.stages import filter as stage
 from resources import PerplexityScorerResource, StorageResource
@@ -17,11 +16,9 @@ def _filters(kind: str, configs) -> list:
     return [build_plugin(kind, c.spec()) for c in configs]
 
 
-@dg.asset(
+@shard_asset(
+    layout.FILTERED_IMAGES,
     deps=[layout.IMAGE_DB],
-    partitions_def=shard_partitions,
-    group_name=layout.FILTER,
-    op_tags=CPU_STEP_TAGS,
     description="Images kept by the image filters (rules: short side, aspect ratio; undecodable and unfetchable dropped), plus decisions.parquet with each reason.",
 )
 def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
@@ -34,11 +31,9 @@ def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig
     )
 
 
-@dg.asset(
+@shard_asset(
+    layout.SENTENCE_CANDIDATES,
     deps=[layout.SENTENCE_DB],
-    partitions_def=shard_partitions,
-    group_name=layout.FILTER,
-    op_tags=CPU_STEP_TAGS,
     description="Sentences kept by the sentence filters (rules: emoji, URL, 3..81 words; CAT: complexity >= C1 with an action), plus decisions.parquet.",
 )
 def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
@@ -51,14 +46,11 @@ def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilte
     )
 
 
-@dg.asset(
+@shard_asset(
+    layout.SENTENCE_PERPLEXITY,
     deps=[layout.SENTENCE_CANDIDATES],
-    partitions_def=shard_partitions,
-    group_name=layout.FILTER,
-    op_tags=GPU_STEP_TAGS,
-    pool=GPU_POOL,
-    backfill_policy=GPU_BACKFILL,
     description="Language-model perplexity of each candidate sentence, stored as a column (a band change never rescores).",
+    profile="gpu",
 )
 def sentence_perplexity(
     context: dg.AssetExecutionContext, storage: StorageResource, perplexity: PerplexityScorerResource
@@ -72,11 +64,9 @@ def sentence_perplexity(
     )
 
 
-@dg.asset(
+@shard_asset(
+    layout.FILTERED_SENTENCES,
     deps=[layout.SENTENCE_PERPLEXITY],
-    partitions_def=shard_partitions,
-    group_name=layout.FILTER,
-    op_tags=CPU_STEP_TAGS,
     description="Sentences whose perplexity lies in the band (paper: [30, 200] for its model; per scorer), plus decisions.parquet.",
 )
 def filtered_sentences(

@@ -5,7 +5,7 @@ import base64
 import dagster as dg
 
 from assets.configs import SampledSplitsConfig
-from assets.execution import GLOBAL_STEP_TAGS, NIGHTLY_REBUILD
+from assets.execution import global_asset
 from assets.metadata import stats_metadata
 from assets.partitions import ALL_SHARDS, registered_shards
 from realsyn import layout
@@ -13,15 +13,13 @@ from realsyn.stages import sample as stage
 from resources import PerplexityScorerResource, ShardSourceResource, StorageResource
 
 
-@dg.asset(
-    automation_condition=NIGHTLY_REBUILD,
+@global_asset(
+    layout.SAMPLED_SPLITS,
     deps=[
         layout.IMAGE_CLUSTERS,
         dg.AssetDep(layout.RETRIEVALS, partition_mapping=ALL_SHARDS),
         dg.AssetDep(layout.SYNTHETIC_CAPTIONS, partition_mapping=ALL_SHARDS),
     ],
-    group_name=layout.SAMPLE,
-    op_tags=GLOBAL_STEP_TAGS,
     description="One split per configured sampler chain (RealSyn cluster caps 20/35/180 by default; MetaCLIP and POINTS as alternatives), seeded; every sampler's own drop reason in {split}/decisions/.",
 )
 def sampled_splits(
