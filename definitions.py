@@ -29,6 +29,7 @@ ALL_ASSETS = [
     caption.synthetic_captions,
     caption.filtered_pairs,
     sample.sampled_splits,
+    export.exported_shards,
     export.exported_splits,
 ]
 ALL_CHECKS = [checks.sentence_clusters_are_usable, checks.sampled_splits_respect_caps, checks.exported_splits_match_sizes]

@@ -44,14 +44,24 @@ def sampled_splits_respect_caps(storage: StorageResource) -> dg.AssetCheckResult
     return dg.AssetCheckResult(passed=passed, metadata={f"{k}/largest_cluster": v for k, v in worst.items()})
 
 
-@dg.asset_check(asset=layout.EXPORTED_SPLITS, description="Every tar shard exists and sizes.json adds up to the split's sample count.")
+@dg.asset_check(
+    asset=layout.EXPORTED_SPLITS,
+    description="Every tar in each split's sizes.json is in the split's folder, sizes.json adds up to the split's sample count, and exported plus dropped samples equal the samples sampled_splits chose.",
+)
 def exported_splits_match_sizes(storage: StorageResource) -> dg.AssetCheckResult:
-    reader = storage.get().reader(layout.EXPORTED_SPLITS)
+    st = storage.get()
+    reader = st.reader(layout.EXPORTED_SPLITS)
+    splits = st.reader(layout.SAMPLED_SPLITS)
     summary = reader.read_json(layout.SUMMARY_FILE)
     passed, meta = True, {}
     for split, info in summary.items():
-        sizes = reader.read_json(f"{split}/{layout.SIZES_FILE}")
-        missing = [name for name in sizes if not reader.fs.exists(reader.path(f"{split}/{name}"))]
-        passed &= not missing and sum(sizes.values()) == info.get("rows_out", 0)
-        meta[f"{split}/samples"] = sum(sizes.values())
+        sizes = reader.read_json(layout.export_sizes_file(split))
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in reader.fs.ls(reader.path(split), detail=False)} if sizes else set()
+        missing = [name for name in sizes if name not in present]
+        chosen = sum(
+            splits.read_parquet(layout.split_selection_file(split, s), columns=["image_id"]).num_rows for s in reader.info.get("shards", [])
+        )
+        dropped = sum(int(v) for k, v in info.items() if k.startswith("dropped_"))
+        passed &= not missing and sum(sizes.values()) == info.get("rows_out", 0) == chosen - dropped
+        meta.update({f"{split}/samples": sum(sizes.values()), f"{split}/missing_tars": len(missing), f"{split}/chosen": chosen})
     return dg.AssetCheckResult(passed=passed, metadata=meta)

@@ -1,6 +1,9 @@
-"""The installed ``realsyn`` command: the graph commands ``run`` and ``demo`` (Dagster) on top of the
-core commands of ``realsyn.cli`` (sample corpus, MetaCLIP, text curation), under its error policy:
-bad input exits 2 with one line, a graph run with failed steps exits 1.
+"""The installed ``realsyn`` command: the graph commands ``run`` and ``demo`` (Dagster), ``path``
+(the committed folder of an asset) and ``sweep`` (old generations) on top of the core commands of
+``realsyn.cli`` (sample corpus, MetaCLIP, text curation), under its error policy: bad input exits 2
+with one line; a graph run with a failed shard, a failed global step or a failed asset check exits
+1 and names them (the other shards and the global steps over them still complete). Every run ends
+with the bad input: per shard, the rows dropped as malformed and why.
 """
 
 from __future__ import annotations
@@ -32,21 +35,53 @@ def _ensure_dagster_home(home: str) -> str:
     return home
 
 
+def _print_bad_input(storage_root: str, shards: list[str], since: float) -> int:
+    """The bad-input summary of a run (rows dropped as malformed, per shard and why); returns the shards listed."""
+    from realsyn.stages.summary import bad_input, bad_input_lines
+    from realsyn.storage import Storage
+
+    try:
+        bad = bad_input(Storage(storage_root), shards, since=since)  # this run's ingest outputs only
+    except Exception as e:  # the summary never hides the run's own outcome
+        print(f"bad input: could not be read back ({type(e).__name__}: {e})", file=sys.stderr)
+        return 0
+    if bad:
+        print(f"\nBad input: {len(bad)} shard(s) lost rows (dropped and counted; see each shard's image_db / sentence_db metadata)")
+        for line in bad_input_lines(bad):
+            print(f"  {line}")
+    return len(bad)
+
+
 def _run(input_uri: str, storage_root: str, config: str | None, env: str | None) -> int:
     from assets.runner import run_graph
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     try:
         report = run_graph(input_uri, storage_root, config_path=config, env=env)
     except Exception as e:  # the graph never started: a bad input location, config or plug-in
         raise CommandInputError(f"{type(e).__name__}: {e}") from e
     elapsed = time.perf_counter() - started
+    lossy = _print_bad_input(storage_root, report.shards, started_at)
     if not report.success:
         for failure in report.failures:
             print(f"FAILED: {failure}", file=sys.stderr)
+        if report.failed_shards:
+            names = ", ".join(report.failed_shards)
+            print(
+                f"realsyn run: {len(report.failed_shards)} of {len(report.shards)} shards failed and were left out: {names}",
+                file=sys.stderr,
+            )
+        if report.stopped_at:
+            print(f"realsyn run: stopped at job {report.stopped_at}; the jobs after it did not run", file=sys.stderr)
+        elif report.failed_shards:
+            print(
+                f"realsyn run: the other {len(report.good_shards)} shards went through every job, the global steps over them",
+                file=sys.stderr,
+            )
         print(f"realsyn run: {len(report.failures)} failure(s) after {report.runs} runs, {elapsed:.0f}s", file=sys.stderr)
         return 1
-    print(f"realsyn run: every asset materialized for {len(report.shards)} shards in {report.runs} runs, {elapsed:.0f}s")
+    note = f"; {lossy} shard(s) lost rows to bad input (above)" if lossy else ""
+    print(f"realsyn run: every asset materialized for {len(report.shards)} shards in {report.runs} runs, {elapsed:.0f}s{note}")
     return 0
 
 
@@ -71,6 +106,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run(args.input, args.storage, args.config, args.env)
 
 
+def cmd_path(args: argparse.Namespace) -> int:
+    """Print the committed generation folder of an asset partition (what ``_CURRENT.json`` names)."""
+    from realsyn.storage import MissingOutputError, Storage
+
+    try:
+        print(Storage(args.storage).current_uri(args.asset, args.partition))
+    except (MissingOutputError, ValueError) as e:
+        raise CommandInputError(str(e)) from e
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Delete generations nobody may use (uncommitted orphans and superseded ones past retention and grace)."""
+    from realsyn.storage import Storage
+
+    try:
+        storage = Storage(args.storage, retention=args.retention, grace_s=args.grace_s)
+    except ValueError as e:
+        raise CommandInputError(str(e)) from e
+    removed = storage.sweep(args.asset)
+    for path in removed:
+        print(f"removed {storage.uri_of(path)}")
+    print(f"realsyn sweep: {len(removed)} generation(s) removed (retention {storage.retention}, grace {storage.grace_s:.0f}s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from realsyn.sample_corpus import build_sample_corpus
 
@@ -93,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_graph_commands(sub: Any) -> None:
-    """``run`` and ``demo``: materialize the whole asset graph."""
+    """``run`` and ``demo`` (materialize the whole asset graph), ``path`` and ``sweep`` (committed and old generations)."""
     run = sub.add_parser("run", help="materialize the whole graph for every shard under --input")
     run.add_argument("--input", required=True, help="folder or s3://bucket/prefix of OBELICS-layout shards (*.parquet, *.jsonl)")
     run.add_argument("--storage", required=True, help="storage root: folder or s3://bucket/prefix (AWS_ENDPOINT_URL for MinIO/moto)")
@@ -101,6 +162,19 @@ def add_graph_commands(sub: Any) -> None:
     run.add_argument("--env", choices=["local", "production"], help="resource set (default: REALSYN_ENV or local)")
     run.add_argument("--dagster-home", help="persistent Dagster instance folder (default: DAGSTER_HOME, else a temporary instance)")
     run.set_defaults(func=cmd_run)
+
+    path = sub.add_parser("path", help="print the committed folder of an asset (what _CURRENT.json names; never glob g-*)")
+    path.add_argument("--storage", required=True, help="storage root: folder or s3://bucket/prefix")
+    path.add_argument("asset", nargs="?", default="exported_splits", help="asset key (default: exported_splits, the dataset)")
+    path.add_argument("--partition", help="shard key of a per-shard asset (default: the global partition)")
+    path.set_defaults(func=cmd_path)
+
+    sweep = sub.add_parser("sweep", help="delete orphaned and superseded generations that nobody may use any more")
+    sweep.add_argument("--storage", required=True, help="storage root: folder or s3://bucket/prefix")
+    sweep.add_argument("--asset", help="only this asset (default: every asset)")
+    sweep.add_argument("--retention", type=int, help="committed generations kept per partition (default: REALSYN_STORAGE_RETENTION or 2)")
+    sweep.add_argument("--grace-s", type=float, help="age below which nothing is deleted (default: REALSYN_STORAGE_GRACE_S or 3600)")
+    sweep.set_defaults(func=cmd_sweep)
 
     demo = sub.add_parser("demo", help="build the bundled sample corpus and run the whole graph on it")
     demo.add_argument("--out", default="demo_output", help="folder for the corpus and the storage root")

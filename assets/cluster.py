@@ -16,7 +16,7 @@ from resources import ShardSourceResource, StorageResource
     deps=[layout.SENTENCE_DEDUP, dg.AssetDep(layout.SENTENCE_EMBEDDINGS, partition_mapping=ALL_SHARDS)],
     group_name=layout.CLUSTER,
     op_tags=GLOBAL_STEP_TAGS,
-    description="Sentence K-means (faiss, trained on a sample): centroids, every sentence's cluster, and the sentence bank laid out cluster by cluster.",
+    description="Sentence K-means (faiss, trained on a bounded sample): centroids, every sentence's cluster, and the sentence bank laid out cluster by cluster (external sort into parts of bank_part_rows).",
 )
 def sentence_clusters(
     context: dg.AssetExecutionContext, config: SentenceClustersConfig, storage: StorageResource, shard_source: ShardSourceResource
@@ -33,7 +33,7 @@ def sentence_clusters(
     ],
     group_name=layout.CLUSTER,
     op_tags=GLOBAL_STEP_TAGS,
-    description="K-means of the kept pairs' image embeddings: centroids, per-shard assignments, cluster sizes.",
+    description="K-means of the kept pairs' image embeddings (trained on a bounded sample): centroids, per-shard assignments, cluster sizes.",
 )
 def image_clusters(
     context: dg.AssetExecutionContext, config: ImageClustersConfig, storage: StorageResource, shard_source: ShardSourceResource

@@ -9,7 +9,7 @@ the field.
 from typing import Any, ClassVar
 
 import dagster as dg
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 
 class PluginConfig(dg.Config):
@@ -58,8 +58,48 @@ class SamplerPlugin(PluginConfig):
 
 
 class IngestConfig(dg.Config):
-    fetch_timeout_s: float = Field(default=10.0, description="Per-image download timeout (URL image slots).")
+    fetch_timeout_s: float = Field(
+        default=10.0, description="Per socket operation of an image download; the whole fetch (redirects, retries included) gets 3x this."
+    )
     max_image_bytes: int = Field(default=20_000_000, description="Larger downloads are dropped as fetch_failed.")
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        gt=0,
+        le=89_478_485,
+        description="Images with more pixels are dropped as undecodable before decoding (at most Pillow's own 89M limit).",
+    )
+    # Fetch policy (realsyn.fetch_policy): default deny; refusals are status fetch_refused with reason refused_*.
+    allow_private_networks: bool = Field(
+        default=False, description="Fetch from private (10/8, 172.16/12, 192.168/16, fc00::/7) and CGNAT addresses: trusted corpora only."
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs fetched from whatever their range (an internal mirror, e.g. '10.2.0.0/16')."
+    )
+    allow_local_paths_outside_input: bool = Field(
+        default=False, description="Read local image paths anywhere on disk, not only under the input folder: trusted corpora only."
+    )
+    allowed_local_roots: list[str] = Field(default_factory=list, description="More folders local image paths may be read from.")
+    allowed_s3_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Object-store prefixes (s3://bucket/prefix, gs://...) image refs may be read from, besides the input location itself.",
+    )
+    max_redirects: int = Field(default=5, ge=0, description="Redirect hops followed per image (each hop checked by the policy).")
+    opt_out_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex", "none"],
+        description="X-Robots-Tag directives that opt an image out (status opted_out, body not downloaded); [] honours none.",
+    )
+
+    def fetch_policy_options(self) -> dict[str, Any]:
+        """Keyword arguments of realsyn.fetch_policy.FetchPolicy.for_input."""
+        return {
+            "allow_private_networks": self.allow_private_networks,
+            "allowed_networks": tuple(self.allowed_networks),
+            "allow_local_paths_outside_input": self.allow_local_paths_outside_input,
+            "allowed_local_roots": tuple(self.allowed_local_roots),
+            "allowed_s3_prefixes": tuple(self.allowed_s3_prefixes),
+            "max_redirects": self.max_redirects,
+            "opt_out_directives": tuple(self.opt_out_directives),
+        }
 
 
 class ImageFilterConfig(dg.Config):
@@ -93,9 +133,10 @@ class ImageDedupConfig(dg.Config):
         default=False, description="Apply the semantic threshold even to random-weight embeddings (not semantic: off by default)."
     )
     index_factory: str = Field(
-        default="Flat",
-        description="faiss index for the global near-neighbour search (Flat; IVF-SQ8 such as 'IVF65536,SQ8' at scale: PQ similarities are too coarse for a tight threshold).",
+        default="auto",
+        description="faiss index for the global near-neighbour search: 'auto' = Flat below 50,000 vectors, else 'IVF{4*sqrt(N)},SQ8' (SQ8 candidates verified by the exact inner product); or any faiss factory string (PQ similarities are too coarse for a tight threshold).",
     )
+    nprobe: int = Field(default=16, description="IVF lists probed per query (recall vs time; bench/bench_dedup.py).")
 
 
 class SentenceDedupConfig(dg.Config):
@@ -103,21 +144,44 @@ class SentenceDedupConfig(dg.Config):
     normalized: bool = Field(default=True, description="Collapse sentences equal after case/punctuation/space normalisation (perceptual).")
     semantic_threshold: float | None = Field(default=0.95, description="CLIP cosine for semantic duplicates; null disables.")
     semantic_on_random_weights: bool = Field(default=False, description="Apply the semantic threshold even to random-weight embeddings.")
-    index_factory: str = Field(default="Flat", description="faiss index factory string.")
+    index_factory: str = Field(
+        default="auto", description="faiss index factory string; 'auto' as for images (Flat when small, IVF-SQ8 when large)."
+    )
+    nprobe: int = Field(default=16, description="IVF lists probed per query.")
 
 
 class SentenceClustersConfig(dg.Config):
     n_clusters: int | None = Field(default=None, description="K of the sentence K-means; null = sentences / sentences_per_cluster.")
     sentences_per_cluster: int = Field(default=420, description="Paper: 840M sentences into 2M clusters.")
-    max_points_per_centroid: int = Field(default=256, description="Training sample size per centroid.")
+    sample_rows: int = Field(
+        default=4_000_000,
+        description="K-means training sample budget in rows (preallocated reservoir; 4M x D=1024 float32 = 16 GiB, fits one GPU beside 2M centroids).",
+    )
+    max_points_per_centroid: int = Field(
+        default=256, description="faiss's cap on training points per centroid: the sample is min(sample_rows, k x this)."
+    )
+    two_level_above: int = Field(
+        default=65_536, description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k."
+    )
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
-    bank_parts: int = Field(default=1, description="Cluster-ordered sentence bank split into this many parts (memory bound at scale).")
+    bank_part_rows: int = Field(
+        default=1_000_000,
+        description="Rows per sentence bank part (a part is what retrieval holds in memory); one cluster larger than this is a part alone.",
+    )
 
 
 class RetrievalConfig(dg.Config):
     k: int = Field(default=3, description="Real sentences retrieved per image (paper ablation: 3 best).")
     n_probe: int = Field(default=1, description="Nearest sentence clusters searched per image.")
+    threads: int = Field(
+        default=0, ge=0, description="Worker threads of the retrieval pass (one BLAS thread each); 0 = every core of the pod."
+    )
+    max_image_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Bound on the image embeddings held at once: bank parts are searched in rounds, images re-read per round; null = hold every kept image once.",
+    )
 
 
 class GenerationConfig(dg.Config):
@@ -139,16 +203,29 @@ class SimilarityBandConfig(dg.Config):
 class ImageClustersConfig(dg.Config):
     n_clusters: int | None = Field(default=None, description="K of the image K-means; null = images / images_per_cluster.")
     images_per_cluster: int = Field(default=168, description="Paper: 168M images into 1M centres.")
-    max_points_per_centroid: int = Field(default=256, description="Training sample size per centroid.")
+    sample_rows: int = Field(default=4_000_000, description="K-means training sample budget in rows (preallocated reservoir).")
+    max_points_per_centroid: int = Field(
+        default=256, description="faiss's cap on training points per centroid: the sample is min(sample_rows, k x this)."
+    )
+    two_level_above: int = Field(
+        default=65_536, description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k."
+    )
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
 
 
 class SplitConfig(dg.Config):
-    name: str = Field(description="Split name (a folder of the export).")
+    name: str = Field(description="Split name (a folder of the export): letters, digits, '_', '.', '-'; no '..'.")
     samplers: list[SamplerPlugin] = Field(
         description="Samplers applied in order, each {name, params} and fitted on what the previous kept: cluster_cap (cap, seed), metaclip (metadata_path, t, seed, text_columns), points_perplexity (keep_fraction) or package.module:Class."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        from realsyn.storage import validate_name
+
+        return validate_name(name, "split name")  # it becomes a folder and file names of the export
 
     def spec(self):
         from realsyn.stages.sample import SplitSpec

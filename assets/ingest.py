@@ -48,6 +48,9 @@ def document_databases(
             reader=shard_source.reader.spec(),
             fetch_timeout_s=config.fetch_timeout_s,
             max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+            input_uri=shard_source.input_uri,
+            fetch_policy=config.fetch_policy_options(),
         )
         image_stats.append(i)
         sentence_stats.append(s)

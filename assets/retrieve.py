@@ -1,28 +1,27 @@
-"""Retrieve stage: per shard, the top-k real sentences of each kept image from the global sentence bank."""
+"""Retrieve stage: one global pass, the top-k real sentences of every kept image of every shard from the sentence bank."""
 
 import dagster as dg
 
 from assets.configs import RetrievalConfig
-from assets.execution import GPU_BACKFILL, GPU_POOL, GPU_STEP_TAGS, NIGHTLY_REBUILD
-from assets.metadata import merged, stats_metadata
-from assets.partitions import shard_partitions
+from assets.execution import global_asset
+from assets.metadata import stats_metadata
+from assets.partitions import ALL_SHARDS, registered_shards
 from realsyn import layout
 from realsyn.stages import retrieve as stage
-from resources import StorageResource
+from resources import ShardSourceResource, StorageResource
 
 
-@dg.asset(
-    automation_condition=NIGHTLY_REBUILD,
-    deps=[layout.IMAGE_EMBEDDINGS, layout.IMAGE_DEDUP, layout.SENTENCE_CLUSTERS],
-    partitions_def=shard_partitions,
-    group_name=layout.RETRIEVE,
-    op_tags=GPU_STEP_TAGS,
-    pool=GPU_POOL,
-    backfill_policy=GPU_BACKFILL,
-    description="Hierarchical retrieval: for each kept image, nearest sentence centroids, then search inside those clusters; top-k real sentences with scores.",
+@global_asset(
+    layout.RETRIEVALS,
+    deps=[dg.AssetDep(layout.IMAGE_EMBEDDINGS, partition_mapping=ALL_SHARDS), layout.IMAGE_DEDUP, layout.SENTENCE_CLUSTERS],
+    description="Hierarchical retrieval in one pass: every kept image assigned to its nearest sentence centroids, the bank streamed once in cluster order (one product per cluster); top-k real sentences with scores per image (shards/{shard}.parquet).",
 )
-def retrievals(context: dg.AssetExecutionContext, config: RetrievalConfig, storage: StorageResource) -> dg.MaterializeResult:
-    stats = [stage.retrieve_for_shard(storage.get(), shard, k=config.k, n_probe=config.n_probe) for shard in context.partition_keys]
+def retrievals(
+    context: dg.AssetExecutionContext, config: RetrievalConfig, storage: StorageResource, shard_source: ShardSourceResource
+) -> dg.MaterializeResult:
+    stats = stage.retrieve_all(storage.get(), registered_shards(context, shard_source), **config.model_dump())
     return dg.MaterializeResult(
-        metadata=stats_metadata(merged(stats), k=config.k, n_probe=config.n_probe, path=storage.get().uri(layout.RETRIEVALS))
+        metadata=stats_metadata(
+            stats, k=config.k, n_probe=config.n_probe, threads=config.threads, path=storage.get().uri(layout.RETRIEVALS)
+        )
     )

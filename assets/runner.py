@@ -1,12 +1,18 @@
 """Materialize the whole graph for every shard under an input location: what `realsyn run` does.
 
-The four jobs run in data-flow order against one Dagster instance (persistent when DAGSTER_HOME is
-set, so the UI shows every materialization). A stage's shards all run before the next stage starts;
-a failure stops the graph after that stage and names the failing asset and shard.
+The jobs run in data-flow order against one Dagster instance (persistent when DAGSTER_HOME is set,
+so the UI shows every materialization). A stage's shards all run before the next stage starts.
+
+A bad shard fails only its partition: a shard whose per-shard job fails is left out of every later
+job, and the global steps cover the good shards only. The runner tells them which shards to leave
+out with the run tag ``realsyn/excluded_shards`` (a JSON list; ``assets.partitions.registered_shards``
+reads it), so no resource config changes between runs. A failed global step stops the graph (nothing
+after it can run). Failed asset checks are failures too. The report names every failed shard.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +21,7 @@ import dagster as dg
 import yaml
 
 from assets.jobs import JOBS_IN_ORDER, PARTITIONED_JOBS
-from assets.partitions import SHARDS
+from assets.partitions import EXCLUDED_SHARDS_TAG, SHARDS
 
 
 @dataclass
@@ -24,9 +30,12 @@ class Failure:
     shard: str | None
     asset: str
     message: str
+    check: str | None = None  # the asset check that failed, when this is a failed check
 
     def __str__(self) -> str:
         where = f"shard {self.shard}" if self.shard else "all shards (global step)"
+        if self.check:
+            return f"asset check {self.check!r} of {self.asset!r} failed for {where} (job {self.job}): {self.message}"
         return f"asset {self.asset!r} failed for {where} (job {self.job}): {self.message}"
 
 
@@ -35,10 +44,17 @@ class RunReport:
     shards: list[str]
     runs: int = 0
     failures: list[Failure] = field(default_factory=list)
+    failed_shards: dict[str, str] = field(default_factory=dict)  # shard -> the job it failed in (left out after it)
+    stopped_at: str | None = None  # the job the graph stopped at (a global step failed, or no shard was left)
 
     @property
     def success(self) -> bool:
-        return not self.failures
+        return not self.failures and self.stopped_at is None
+
+    @property
+    def good_shards(self) -> list[str]:
+        """Shards every job ran for (what the global steps and the export cover)."""
+        return [s for s in self.shards if s not in self.failed_shards]
 
 
 def load_run_config(path: str | None) -> dict[str, Any]:
@@ -54,6 +70,8 @@ def load_run_config(path: str | None) -> dict[str, Any]:
 
 
 def _failures(result: dg.ExecuteInProcessResult, job: str, shard: str | None) -> list[Failure]:
+    from realsyn.redact import redact  # a failure message may quote a URL with credentials or a token
+
     out = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
@@ -61,8 +79,47 @@ def _failures(result: dg.ExecuteInProcessResult, job: str, shard: str | None) ->
             message = (err.message.strip() if err else "unknown error").splitlines()[-1]
             if err and err.cause:
                 message = err.cause.message.strip().splitlines()[-1]
-            out.append(Failure(job, shard, event.step_key, message))
+            out.append(Failure(job, shard, event.step_key, redact(message)))
     return out or [Failure(job, shard, "?", "run failed before any step")]
+
+
+def _check_failures(result: dg.ExecuteInProcessResult, job: str, shard: str | None) -> list[Failure]:
+    """Every asset check of the run that did not pass (a non-blocking check does not fail its run)."""
+    out = []
+    for event in result.all_events:
+        if event.event_type_value != "ASSET_CHECK_EVALUATION":
+            continue
+        evaluation = event.event_specific_data
+        if evaluation.passed:
+            continue
+        meta = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in sorted(evaluation.metadata.items()))
+        out.append(
+            Failure(job, shard, evaluation.asset_key.to_user_string(), f"did not pass ({meta or 'no metadata'})", evaluation.check_name)
+        )
+    return out
+
+
+def _validate_step_configs(defs: dg.Definitions, configs: dict[str, Any], config_path: str | None) -> None:
+    """Build every configured step's typed config before anything runs (split names, plug-in params, ...),
+    so a bad config fails the command at once instead of the step hours later."""
+    import inspect
+
+    from pydantic import BaseModel, ValidationError
+
+    for job in JOBS_IN_ORDER:
+        for node in defs.resolve_job_def(job.name).graph.node_defs:
+            if node.name not in configs:
+                continue
+            param = inspect.signature(node.compute_fn.decorated_fn).parameters.get("config")
+            cls = param.annotation if param is not None else None
+            if isinstance(cls, type) and issubclass(cls, BaseModel):
+                try:
+                    cls(**(configs[node.name] or {}))
+                except ValidationError as e:
+                    errors = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                    raise ValueError(f"{config_path}: assets.{node.name}: {errors}") from e
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{config_path}: assets.{node.name}: {e}") from e
 
 
 def run_graph(
@@ -92,6 +149,7 @@ def run_graph(
     unknown = sorted(set(cfg["assets"]) - all_ops)
     if unknown:
         raise ValueError(f"{config_path}: no asset step named {unknown}; known: {sorted(all_ops)}")
+    _validate_step_configs(defs, cfg["assets"], config_path)
     report = RunReport(shards=shards)
     for job in JOBS_IN_ORDER:
         job_def = defs.resolve_job_def(job.name)
@@ -100,13 +158,27 @@ def run_graph(
             "ops": {op: {"config": c} for op, c in cfg["assets"].items() if op in ops},
             "loggers": {"console": {"config": {"log_level": log_level}}},
         }
-        keys = shards if job.name in PARTITIONED_JOBS else [None]
+        if not report.good_shards:
+            report.stopped_at = job.name
+            log(f"  {job.name}: skipped, no shard left (every shard failed)")
+            break
+        tags = {EXCLUDED_SHARDS_TAG: json.dumps(sorted(report.failed_shards))} if report.failed_shards else {}
+        keys = report.good_shards if job.name in PARTITIONED_JOBS else [None]
+        global_failed = False
         for key in keys:
             log(f"  {job.name}{' [' + key + ']' if key else ''} ...")
-            result = job_def.execute_in_process(run_config=run_config, instance=instance, partition_key=key, raise_on_error=False)
+            result = job_def.execute_in_process(
+                run_config=run_config, instance=instance, partition_key=key, raise_on_error=False, tags=tags
+            )
             report.runs += 1
             if not result.success:
                 report.failures.extend(_failures(result, job.name, key))
-        if report.failures:
+                if key is None:
+                    global_failed = True
+                else:
+                    report.failed_shards[key] = job.name
+            report.failures.extend(_check_failures(result, job.name, key))
+        if global_failed:
+            report.stopped_at = job.name
             break
     return report

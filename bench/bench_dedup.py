@@ -1,18 +1,292 @@
-"""Benchmark semantic dedup: SemanticIndex (Flat, IVF-Flat, IVF-SQ8, IVF-PQ) vs numpy brute force,
-plus Union-Find on a large edge list. Everything is measured in one run, side by side.
+"""Benchmark the global dedup step, side by side in one run:
 
-    python bench/bench_dedup.py --n 200000 --dim 64
+1. pHash pairs: multi-index hashing (m = d + 1 chunks, and the cost-model choice) vs faiss
+   brute force (IndexBinaryFlat): the same pairs, the speedup; MIH alone at larger N.
+2. Sentence dedup stage: columnar (realsyn.stages.dedup) vs the old list-based path (kept here
+   verbatim as the reference): peak memory per sentence and time, each in a fresh process, and
+   identical decision files.
+3. Components: scipy csgraph vs numpy Union-Find on dedup-shaped edge lists.
+4. Semantic dedup: IVF-SQ8 (``auto``: IVF{4 sqrt N}, verified by the exact inner product) vs Flat
+   (exact, the old default; its edges are the truth), through the stage's own sharded path:
+   time, recall, precision.
+
+    flock /tmp/realsyn-bench.lock .venv/bin/python bench/bench_dedup.py
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 
-from realsyn.dedup import SemanticIndex, UnionFind
+from realsyn import layout
+from realsyn.dedup import (
+    UnionFind,
+    auto_index_factory,
+    component_labels,
+    hamming_edges,
+    hamming_edges_brute_force,
+    mih_chunks,
+)
 from realsyn.runtime import l2_normalize
+from realsyn.stats import StepStats
+from realsyn.storage import Storage
+
+# -- 1. pHash ------------------------------------------------------------------------------------
+
+
+def planted_hashes(n: int, seed: int, blank: int) -> np.ndarray:
+    """pHash-like 64-bit hashes (32 bits set, as the median threshold gives); 5% are copies of
+    earlier hashes with 0..8 bits flipped; ``blank`` rows hash to 0 (blank images)."""
+    rng = np.random.default_rng(seed)
+    bits = np.argsort(rng.random((n, 64)), axis=1)[:, :32].astype(np.uint64)
+    h = np.bitwise_or.reduce(np.uint64(1) << bits, axis=1)
+    k = n // 20
+    dst, src = rng.choice(n, size=k, replace=False), rng.integers(0, n, size=k)
+    flips = np.zeros(k, np.uint64)
+    for j, nflip in enumerate(rng.integers(0, 9, size=k)):
+        if nflip:
+            flips[j] = np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=nflip, replace=False).astype(np.uint64))
+    h[dst] = h[src] ^ flips
+    h[rng.choice(n, size=blank, replace=False)] = 0
+    return h
+
+
+def bench_phash(n: int, n_large: int, d: int, seed: int) -> dict:
+    h = planted_hashes(n, seed, blank=n // 200)
+    t0 = time.perf_counter()
+    brute = hamming_edges_brute_force(h, d)
+    t_brute = time.perf_counter() - t0
+    print(f"\n[pHash] n={n} max_distance={d} (brute force: faiss IndexBinaryFlat, {os.cpu_count()} threads; MIH: numpy, 1 thread)")
+    print(f"{'method':<34}{'seconds':>9}{'speedup':>9}{'pairs':>10}{'equal':>7}")
+    print(f"{'brute force (faiss binary flat)':<34}{t_brute:9.2f}{1.0:8.1f}x{len(brute):10d}{'-':>7}")
+    out = {"phash_n": n, "phash_pairs": len(brute)}
+    for label, chunks in [(f"MIH m=d+1={d + 1}", d + 1), (f"MIH m={mih_chunks(n, d)} (auto)", None)]:
+        t0 = time.perf_counter()
+        got = hamming_edges(h, d, chunks=chunks)
+        t = time.perf_counter() - t0
+        equal = np.array_equal(got, brute)
+        print(f"{label:<34}{t:9.2f}{t_brute / t:8.1f}x{len(got):10d}{str(equal):>7}")
+        assert equal, f"{label} disagrees with brute force"
+        out["mih_d1" if chunks else "mih_auto"] = t_brute / t
+    t0 = time.perf_counter()
+    span = hamming_edges(h, d, all_pairs=False)
+    t = time.perf_counter() - t0
+    same = np.array_equal(component_labels(n, span), component_labels(n, brute))
+    print(f"{'MIH auto, spanning edges (stage)':<34}{t:9.2f}{t_brute / t:8.1f}x{len(span):10d}{'comp ' + str(same):>7}")
+    assert same
+    # MIH alone at a larger N: brute force would take (n_large / n)^2 times as long
+    hl = planted_hashes(n_large, seed + 1, blank=n_large // 200)
+    t0 = time.perf_counter()
+    span_l = hamming_edges(hl, d, all_pairs=False)
+    t_l = time.perf_counter() - t0
+    est_brute = t_brute * (n_large / n) ** 2
+    print(
+        f"MIH spanning at n={n_large} (m={mih_chunks(n_large, d)}): {t_l:.2f}s, {len(span_l)} edges; "
+        f"brute force extrapolated (n^2): {est_brute:.0f}s ({est_brute / t_l:.0f}x)"
+    )
+    out.update(mih_spanning=t_brute / t, mih_large_n=n_large, mih_large_s=t_l, mih_large_vs_brute_est=est_brute / t_l)
+    return out
+
+
+# -- 2. sentence stage: columnar vs the old list-based path ---------------------------------------
+
+LEGACY_ASSET = "legacy_sentence_dedup"
+
+
+def legacy_exact_duplicate_edges(keys):
+    first: dict[str, int] = {}
+    pairs: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if not key:
+            continue
+        j = first.setdefault(key, i)
+        if j != i:
+            pairs.append((j, i))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def legacy_dedup_sentences(storage: Storage, shards: list[str]) -> StepStats:
+    """The list-based stage as it was (exact + normalised keys; semantic off), writing LEGACY_ASSET."""
+    from realsyn.decisions import decision_table
+
+    stats = StepStats(LEGACY_ASSET)
+    with stats.timed():
+        tables = [storage.reader(layout.SENTENCE_EMBEDDINGS, s).read_parquet(layout.EMBEDDING_INDEX_FILE) for s in shards]
+        sizes = [t.num_rows for t in tables]
+
+        def column(name):
+            return [x for t in tables for x in t.column(name).to_pylist()]
+
+        ids, sha, norm = column("sentence_id"), column("text_sha"), column("norm_key")
+        edges = [legacy_exact_duplicate_edges(sha), legacy_exact_duplicate_edges(norm)]
+        n = len(ids)
+        all_edges = np.concatenate([np.zeros((0, 2), np.int64), *edges]).astype(np.int64)
+        uf = UnionFind(n)
+        uf.union_edges(all_edges)
+        reps = uf.labels()
+        reasons = [
+            None
+            if int(reps[i]) == i
+            else "exact_duplicate"
+            if sha[i] == sha[int(reps[i])]
+            else "perceptual_duplicate"
+            if norm[i] == norm[int(reps[i])]
+            else "semantic_duplicate"
+            for i in range(n)
+        ]
+        stats.add("rows_in", n)
+        stats.add("rows_out", int((reps == np.arange(n)).sum()))
+        stats.add("edges", len(all_edges))
+        stats.drop_reasons(reasons)
+        with storage.writer(LEGACY_ASSET) as w:
+            offset = 0
+            for s, size in zip(shards, sizes):
+                sl = slice(offset, offset + size)
+                w.write_parquet(layout.decisions_file(s), decision_table(ids[sl], reasons[sl], [ids[j] for j in reps[sl]]))
+                offset += size
+    return stats
+
+
+def write_sentence_corpus(storage: Storage, n: int, n_shards: int, seed: int) -> list[str]:
+    """index.parquet shards as the embed stage writes them: 10% exact copies, 5% normalised copies."""
+    rng = np.random.default_rng(seed)
+    text_of = np.arange(n)
+    exact_dst = rng.choice(n, size=n // 10, replace=False)
+    text_of[exact_dst] = rng.integers(0, n, size=len(exact_dst))
+    norm_of = text_of.copy()
+    norm_dst = rng.choice(n, size=n // 20, replace=False)
+    norm_of[norm_dst] = rng.integers(0, n, size=len(norm_dst))
+    shards, per = [f"shard-{k:03d}" for k in range(n_shards)], -(-n // n_shards)
+    for k, shard in enumerate(shards):
+        rows = range(k * per, min(n, (k + 1) * per))
+        table = pa.table(
+            {
+                "sentence_id": [f"{shard}-doc{i // 8:07d}-s{i % 8}" for i in rows],
+                "text_sha": [hashlib.sha1(f"text {text_of[i]}".encode()).hexdigest() for i in rows],
+                "norm_key": [hashlib.sha1(f"norm {norm_of[i]}".encode()).hexdigest() for i in rows],
+            }
+        )
+        with storage.writer(layout.SENTENCE_EMBEDDINGS, shard) as w:
+            w.write_parquet(layout.EMBEDDING_INDEX_FILE, table)
+            w.write_json(layout.MODEL_FILE, {"model_id": "bench", "dim": 4, "random_weights": False})
+    return shards
+
+
+def _status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since exec: ru_maxrss would carry the parent's peak over)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(variant: str, root: str, shards: list[str]) -> None:
+    """One variant in this fresh process: peak RSS above the RSS before it ran."""
+    from realsyn.stages.dedup import dedup_sentences
+
+    storage = Storage(root)
+    # warm-up common to both paths: Arrow's allocator and reader threads, the lazy imports
+    import scipy.sparse.csgraph  # noqa: F401
+
+    from realsyn.decisions import decision_table
+
+    decision_table(["x"], [None], ["x"])
+    storage.reader(layout.SENTENCE_EMBEDDINGS, shards[0]).read_parquet(layout.EMBEDDING_INDEX_FILE)
+    before = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    if variant == "columnar":
+        stats = dedup_sentences(storage, shards, semantic_threshold=None)
+    else:
+        stats = legacy_dedup_sentences(storage, shards)
+    seconds = time.perf_counter() - t0
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"peak_delta": peak - before, "seconds": seconds, "dropped": stats.dropped}))
+
+
+def _run_stage(n: int, n_shards: int, seed: int) -> dict:
+    """Both paths on one corpus, each in a fresh process; their decision files must be identical."""
+    root = tempfile.mkdtemp(prefix="bench-dedup-")
+    storage = Storage(root)
+    shards = write_sentence_corpus(storage, n, n_shards, seed)
+    res = {}
+    for variant in ("legacy", "columnar"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", variant, "--root", root, "--shards", ",".join(shards)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    same = all(
+        storage.reader(layout.SENTENCE_DEDUP)
+        .read_parquet(layout.decisions_file(s))
+        .equals(storage.reader(LEGACY_ASSET).read_parquet(layout.decisions_file(s)))
+        for s in shards
+    )
+    assert same and res["columnar"]["dropped"] == res["legacy"]["dropped"], "columnar and list-based decisions differ"
+    shutil.rmtree(root)
+    return res
+
+
+def bench_stage(n: int, shard_rows: int, seed: int) -> dict:
+    """At n/2 and n sentences (shards of shard_rows): peak bytes per sentence, and the marginal
+    bytes per extra sentence (the fixed overhead of the process and of Arrow cancels out)."""
+    print(f"\n[sentence dedup stage] semantic off; shards of {shard_rows} rows; each path in a fresh process; peak RSS above the start")
+    print(f"{'path':<26}{'n':>9}{'seconds':>9}{'peak MiB':>10}{'B/sentence':>12}{'marginal B':>12}")
+    runs = {size: _run_stage(size, -(-size // shard_rows), seed) for size in (n // 2, n)}
+    out = {"stage_n": n}
+    for variant, label in (("legacy", "legacy (Python lists)"), ("columnar", "columnar (numpy)")):
+        half, full = runs[n // 2][variant], runs[n][variant]
+        marginal = (full["peak_delta"] - half["peak_delta"]) / (n - n // 2)
+        for size, r in ((n // 2, half), (n, full)):
+            extra = f"{marginal:12.1f}" if size == n else ""
+            print(f"{label:<26}{size:9d}{r['seconds']:9.2f}{r['peak_delta'] / 2**20:10.1f}{r['peak_delta'] / size:12.1f}{extra}")
+        out[f"{variant}_bytes_per_item"] = full["peak_delta"] / n
+        out[f"{variant}_marginal"] = marginal
+    print(f"decisions identical at both sizes; dropped at n={n}: {runs[n]['columnar']['dropped']}")
+    out["memory_ratio"] = out["legacy_bytes_per_item"] / out["columnar_bytes_per_item"]
+    out["stage_speedup"] = runs[n]["legacy"]["seconds"] / runs[n]["columnar"]["seconds"]
+    return out
+
+
+# -- 3. components ---------------------------------------------------------------------------------
+
+
+def bench_components(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    graphs = {
+        "10% random dup edges": rng.integers(0, n, size=(n // 10, 2)),
+        "50% random edges": rng.integers(0, n, size=(n // 2, 2)),
+        "long chains (n/4)": (lambda p: np.stack([p[:-1], p[1:]], axis=1)[: n // 4])(rng.permutation(n)),
+    }
+    print(f"\n[components] n={n} nodes")
+    print(f"{'graph':<24}{'edges':>9}{'csgraph s':>11}{'union-find s':>14}{'uf/cs':>7}")
+    ratios = []
+    for name, edges in graphs.items():
+        t0 = time.perf_counter()
+        a = component_labels(n, edges, "csgraph")
+        t_cs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = component_labels(n, edges, "union_find")
+        t_uf = time.perf_counter() - t0
+        assert np.array_equal(a, b)
+        ratios.append(t_uf / t_cs)
+        print(f"{name:<24}{len(edges):9d}{t_cs:11.3f}{t_uf:14.3f}{t_uf / t_cs:7.2f}")
+    return {"uf_over_csgraph": float(np.exp(np.mean(np.log(ratios))))}
+
+
+# -- 4. semantic ------------------------------------------------------------------------------------
 
 
 def planted_vectors(n: int, dim: int, dup_fraction: float, noise: float, seed: int) -> np.ndarray:
@@ -26,98 +300,86 @@ def planted_vectors(n: int, dim: int, dup_fraction: float, noise: float, seed: i
     return l2_normalize(x)
 
 
-def brute_force_edges(x: np.ndarray, threshold: float, block: int) -> np.ndarray:
-    """All pairs i < j with x_i . x_j >= threshold, one (block x N) matrix product at a time."""
-    out = []
-    for start in range(0, len(x), block):
-        sims = x[start : start + block] @ x[start:].T  # only j >= start can satisfy i < j
-        i, j = np.nonzero(sims >= threshold)
-        i, j = i + start, j + start
-        keep = i < j
-        out.append(np.stack([i[keep], j[keep]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+def _codes(edges: np.ndarray, n: int) -> np.ndarray:
+    return np.unique(edges[:, 0].astype(np.int64) * n + edges[:, 1])
 
 
-def index_edges(x: np.ndarray, threshold: float, factory: str, nprobe: int, block: int, train_size: int, seed: int):
-    index = SemanticIndex(x.shape[1], threshold, index_factory=factory, use_gpu="never", nprobe=nprobe)
-    t0 = time.perf_counter()
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        index.train(x[rng.choice(len(x), size=min(train_size, len(x)), replace=False)])
-    t_train = time.perf_counter() - t0
-    index.add(x)
-    edges = np.concatenate([index.edges(x[s : s + block], s) for s in range(0, len(x), block)])
-    return edges, t_train, time.perf_counter() - t0
+def bench_semantic(n: int, dim: int, threshold: float, nprobe: int, n_shards: int, seed: int) -> dict:
+    import faiss
 
+    from realsyn.stages.dedup import _Corpus, _semantic_edges
 
-def as_set(edges: np.ndarray) -> set[tuple[int, int]]:
-    return set(map(tuple, edges.tolist()))
+    x = planted_vectors(n, dim, 0.05, 0.04, seed)
+    root = tempfile.mkdtemp(prefix="bench-semantic-")
+    storage = Storage(root)
+    shards, per = [f"shard-{k:03d}" for k in range(n_shards)], -(-n // n_shards)
+    for k, shard in enumerate(shards):
+        rows = np.arange(k * per, min(n, (k + 1) * per))
+        with storage.writer(layout.SENTENCE_EMBEDDINGS, shard) as w:
+            w.write_numpy(layout.EMBEDDINGS_FILE, x[rows])
+            w.write_parquet(layout.EMBEDDING_INDEX_FILE, pa.table({"sentence_id": [str(i) for i in rows]}))
+            w.write_json(layout.MODEL_FILE, {"model_id": "bench", "dim": dim, "random_weights": False})
+    corpus = _Corpus(storage, layout.SENTENCE_EMBEDDINGS, shards)
+    print(f"\n[semantic] n={n} dim={dim} threshold={threshold} nprobe={nprobe}, {n_shards} shards, the stage's path (_semantic_edges)")
+    print(f"faiss {faiss.omp_get_max_threads()} threads; truth = Flat (exact inner products, the old default)")
+    print(f"{'method':<28}{'seconds':>9}{'speedup':>9}{'edges':>9}{'recall':>9}{'precision':>11}{'candidates':>12}")
+    res, truth = {}, None
+    for label, factory in [("Flat", "Flat"), (f"auto = {auto_index_factory(n)}", "auto")]:
+        stats = StepStats("bench")
+        t0 = time.perf_counter()
+        got = _codes(_semantic_edges(corpus, threshold, factory, nprobe, stats), n)
+        t = time.perf_counter() - t0
+        truth = got if truth is None else truth
+        tp = len(np.intersect1d(got, truth))
+        res[factory] = (t, tp / max(len(truth), 1), tp / max(len(got), 1))
+        cand = stats.counts.get("semantic_candidates", "-")
+        print(f"{label:<28}{t:9.2f}{res['Flat'][0] / t:8.2f}x{len(got):9d}{res[factory][1]:9.4f}{res[factory][2]:11.4f}{cand:>12}")
+    shutil.rmtree(root)
+    return {
+        "semantic_n": n,
+        "sq8_vs_flat": res["Flat"][0] / res["auto"][0],
+        "sq8_recall": res["auto"][1],
+        "sq8_precision": res["auto"][2],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--phash-n", type=int, default=200_000)
+    ap.add_argument("--phash-large-n", type=int, default=2_000_000)
+    ap.add_argument("--max-distance", type=int, default=6)
+    ap.add_argument("--stage-n", type=int, default=1_000_000)
+    ap.add_argument("--stage-shard-rows", type=int, default=125_000)
+    ap.add_argument("--components-n", type=int, default=2_000_000)
+    ap.add_argument("--semantic-n", type=int, default=150_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--dup-fraction", type=float, default=0.05)
-    ap.add_argument("--noise", type=float, default=0.04, help="per-coordinate noise of planted copies")
-    ap.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 2*sqrt(n))")
-    ap.add_argument("--nprobe", type=int, default=8)
-    ap.add_argument("--train-per-list", type=int, default=40, help="IVF training sample = this x nlist")
-    ap.add_argument("--pq", type=int, default=8, help="PQ sub-quantisers of the IVF-PQ variant (0: skip)")
-    ap.add_argument("--block", type=int, default=8192, help="query rows per search call (a 'shard')")
-    ap.add_argument("--uf-edges", type=int, default=1_000_000)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--semantic-shards", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", choices=["legacy", "columnar"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--shards", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child, args.root, args.shards.split(","))
+        return
 
-    x = planted_vectors(args.n, args.dim, args.dup_fraction, args.noise, args.seed)
-    nlist = args.nlist or int(2 * np.sqrt(args.n))
+    out = bench_phash(args.phash_n, args.phash_large_n, args.max_distance, args.seed)
+    out.update(bench_stage(args.stage_n, args.stage_shard_rows, args.seed))
+    out.update(bench_components(args.components_n, args.seed))
+    out.update(bench_semantic(args.semantic_n, args.dim, args.threshold, args.nprobe, args.semantic_shards, args.seed))
     print(
-        f"n={args.n} dim={args.dim} threshold={args.threshold} planted={int(args.n * args.dup_fraction)} nlist={nlist} nprobe={args.nprobe}"
-    )
-
-    t0 = time.perf_counter()
-    truth = brute_force_edges(x, args.threshold, args.block)
-    t_brute = time.perf_counter() - t0
-    truth_set = as_set(truth)
-    print(f"{'method':<22}{'seconds':>9}{'vs brute':>10}{'edges':>9}{'recall':>9}{'precision':>11}")
-    print(f"{'numpy brute force':<22}{t_brute:9.2f}{1.0:9.2f}x{len(truth):9d}{1.0:9.4f}{1.0:11.4f}")
-
-    variants = [("Flat", "Flat"), (f"IVF{nlist},Flat", "IVF-Flat"), (f"IVF{nlist},SQ8", "IVF-SQ8")]
-    if args.pq:
-        # "np": no polysemous training, which only serves Hamming pre-filtering and costs minutes.
-        variants.append((f"IVF{nlist},PQ{args.pq}np", "IVF-PQ"))
-    for factory, label in variants:
-        train_size = min(len(x), args.train_per_list * nlist)
-        edges, t_train, t_total = index_edges(x, args.threshold, factory, args.nprobe, args.block, train_size, args.seed)
-        got = as_set(edges)
-        tp = len(got & truth_set)
-        recall = tp / max(len(truth_set), 1)
-        precision = tp / max(len(got), 1)
-        name = f"{label} (train {t_train:.1f}s)" if t_train > 0.01 else label
-        print(f"{name:<22}{t_total:9.2f}{t_brute / t_total:9.2f}x{len(edges):9d}{recall:9.4f}{precision:11.4f}")
-
-    rng = np.random.default_rng(args.seed)
-    n_nodes = 2 * args.uf_edges
-    edges = rng.integers(0, n_nodes, size=(args.uf_edges, 2))
-    t0 = time.perf_counter()
-    uf = UnionFind(n_nodes)
-    uf.union_edges(edges)
-    labels = uf.labels()
-    t_uf = time.perf_counter() - t0
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    t0 = time.perf_counter()
-    n_comp, _ = connected_components(
-        coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n_nodes, n_nodes)),
-        directed=False,
-    )
-    t_scipy = time.perf_counter() - t0
-    assert len(np.unique(labels)) == n_comp, "union-find disagrees with scipy"
-    print(
-        f"union-find: {args.uf_edges} edges over {n_nodes} nodes -> {n_comp} components in {t_uf:.2f}s "
-        f"(scipy connected_components reference: {t_scipy:.2f}s)"
+        "RESULT "
+        f"phash_n={out['phash_n']} phash_pairs={out['phash_pairs']} mih_d1_speedup={out['mih_d1']:.1f} "
+        f"mih_auto_speedup={out['mih_auto']:.1f} mih_spanning_speedup={out['mih_spanning']:.1f} "
+        f"mih_{out['mih_large_n']}_s={out['mih_large_s']:.1f} mih_{out['mih_large_n']}_vs_brute_est={out['mih_large_vs_brute_est']:.0f} "
+        f"stage_n={out['stage_n']} legacy_B_per_sentence={out['legacy_bytes_per_item']:.0f} "
+        f"columnar_B_per_sentence={out['columnar_bytes_per_item']:.0f} legacy_marginal_B={out['legacy_marginal']:.0f} "
+        f"columnar_marginal_B={out['columnar_marginal']:.0f} memory_ratio={out['memory_ratio']:.1f} "
+        f"stage_speedup={out['stage_speedup']:.2f} uf_over_csgraph={out['uf_over_csgraph']:.2f} "
+        f"semantic_n={out['semantic_n']} sq8_vs_flat={out['sq8_vs_flat']:.1f} "
+        f"sq8_recall={out['sq8_recall']:.4f} sq8_precision={out['sq8_precision']:.4f}"
     )
 
 

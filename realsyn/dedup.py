@@ -2,19 +2,28 @@
 
 Duplicates are found as *edges* (pairs of global row ids): exact-key edges, perceptual edges
 (64-bit pHash within a Hamming radius, or normalised sentence text) and semantic edges (CLIP
-cosine similarity above a threshold, via faiss). The edges of all shards are then collapsed with
-Union-Find and every connected group keeps one representative.
+cosine similarity above a threshold, via faiss). The edges of all shards are then collapsed into
+connected components and every component keeps one representative.
+
+Everything is columnar: string keys become fixed-width 16-byte numpy keys (``string_keys``),
+exact groups come from one sort (``exact_key_edges``), pHash pairs from multi-index hashing
+(``hamming_edges``: a sort per chunk combination instead of all pairs), and components are found
+over the nodes the edges touch only (``group_representatives``), so the work after the key sort
+scales with the number of duplicates, not with the corpus.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
+import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import combinations
 
 import numpy as np
+import pyarrow as pa
 
 from realsyn.runtime import faiss_use_gpu
 from realsyn.stats import StepStats
@@ -24,7 +33,11 @@ logger = logging.getLogger("realsyn")
 _NO_EDGES = np.zeros((0, 2), dtype=np.int64)
 
 
-# -- Union-Find ---------------------------------------------------------------------------------
+def _empty_edges() -> np.ndarray:
+    return _NO_EDGES.copy()
+
+
+# -- Union-Find and connected components ---------------------------------------------------------
 
 
 class UnionFind:
@@ -108,45 +121,205 @@ class UnionFind:
         return smallest[roots]
 
 
-def representatives(n: int, edges: np.ndarray, priority: np.ndarray | None = None) -> np.ndarray:
-    """Per element, its component's representative: highest priority, ties to the smallest index.
+COMPONENT_METHODS = ("csgraph", "union_find")
+# bench/bench_dedup.py times both on dedup-shaped edge lists; the faster one is the default.
+DEFAULT_COMPONENT_METHOD = "csgraph"
 
-    An element is kept iff ``representatives(...)[i] == i``.
+
+def component_labels(n: int, edges: np.ndarray, method: str = DEFAULT_COMPONENT_METHOD) -> np.ndarray:
+    """Per element of 0..n-1, the smallest index of its connected component (int64).
+
+    ``method``: "csgraph" (scipy.sparse.csgraph.connected_components over a CSR adjacency) or
+    "union_find" (``UnionFind.union_edges``, numpy rounds); both give the same labels.
     """
-    uf = UnionFind(n)
-    uf.union_edges(edges)
-    component = uf.labels()
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    if len(edges) and (edges.min() < 0 or edges.max() >= n):
+        raise IndexError(f"edge endpoint outside 0..{n - 1}")
+    if method == "union_find":
+        uf = UnionFind(n)
+        uf.union_edges(edges)
+        return uf.labels()
+    if method != "csgraph":
+        raise ValueError(f"method must be one of {COMPONENT_METHODS}, got {method!r}")
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    index_dtype = np.int32 if n < 2**31 else np.int64
+    graph = csr_matrix(
+        (np.ones(len(edges), dtype=np.int8), (edges[:, 0].astype(index_dtype), edges[:, 1].astype(index_dtype))), shape=(n, n)
+    )
+    n_comp, comp = connected_components(graph, directed=False)
+    smallest = np.full(n_comp, n, dtype=np.int64)
+    np.minimum.at(smallest, comp, np.arange(n, dtype=np.int64))
+    return smallest[comp]
+
+
+def _pick_representatives(labels: np.ndarray, priority: np.ndarray | None) -> np.ndarray:
+    """Per element, its component's element of highest priority, ties to the smallest index
+    (``labels``: the smallest index of each element's component)."""
+    n = len(labels)
     if priority is None:
-        return component
+        return labels
     index = np.arange(n, dtype=np.int64)
     p = np.asarray(priority)
     if p.shape != (n,):
         raise ValueError(f"priority has shape {p.shape}, want ({n},)")
     # Sort key: descending priority; NaN counts as lowest.
     p = np.nan_to_num(p.astype(np.float64), nan=-np.inf)
-    order = np.lexsort((index, -p, component))  # by component, then priority desc, then index
-    comp_sorted = component[order]
+    order = np.lexsort((index, -p, labels))  # by component, then priority desc, then index
+    comp_sorted = labels[order]
     first = np.ones(n, dtype=bool)
     first[1:] = comp_sorted[1:] != comp_sorted[:-1]
     best = np.empty(n, dtype=np.int64)
     best[comp_sorted[first]] = order[first]  # component label -> its representative
-    return best[component]
+    return best[labels]
+
+
+def group_representatives(
+    edges: np.ndarray, priority: Callable[[np.ndarray], np.ndarray] | None = None, method: str = DEFAULT_COMPONENT_METHOD
+) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, reps) over the nodes the edges touch only: ``nodes`` sorted unique endpoints,
+    ``reps[k]`` the representative (a global id) of ``nodes[k]``: the highest ``priority(nodes)``
+    of its component, ties (and ``priority=None``) to the smallest id. Every other element is a
+    singleton and represents itself, so the cost is O(E log E) whatever the corpus size."""
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    if len(edges) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nodes, local = np.unique(edges.ravel(), return_inverse=True)
+    labels = component_labels(len(nodes), local.reshape(-1, 2), method)  # nodes sorted: local order = global order
+    p = None if priority is None else np.asarray(priority(nodes))
+    return nodes, nodes[_pick_representatives(labels, p)]
+
+
+def representatives(n: int, edges: np.ndarray, priority: np.ndarray | None = None, method: str = DEFAULT_COMPONENT_METHOD) -> np.ndarray:
+    """Per element, its component's representative: highest priority, ties to the smallest index.
+
+    An element is kept iff ``representatives(...)[i] == i``.
+    """
+    if priority is not None and np.shape(priority) != (n,):
+        raise ValueError(f"priority has shape {np.shape(priority)}, want ({n},)")
+    reps = np.arange(n, dtype=np.int64)
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    if len(edges) and (edges.min() < 0 or edges.max() >= n):
+        raise IndexError(f"edge endpoint outside 0..{n - 1}")
+    nodes, node_reps = group_representatives(edges, None if priority is None else (lambda idx: np.asarray(priority)[idx]), method)
+    reps[nodes] = node_reps
+    return reps
 
 
 # -- exact and text keys ------------------------------------------------------------------------
 
+_KEY_BLOCK = 1 << 16  # rows decoded at a time
+_HEX_LENGTHS = (40, 64)  # sha1 and sha256 hex digests: the keys the embed stage writes
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 
-def exact_duplicate_edges(keys: Sequence[str | None]) -> np.ndarray:
+
+def _as_string_array(values: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    if not isinstance(values, pa.Array):
+        values = pa.array(list(values), pa.string())
+    if not pa.types.is_large_string(values.type):
+        values = values.cast(pa.large_string())  # int64 offsets, one code path
+    return values
+
+
+def string_keys(values: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-width keys of string keys: ``(keys (N, 2) uint64, valid (N,) bool)``.
+
+    A lowercase hex digest of 40 or 64 characters (sha1, sha256) is decoded in numpy and folded
+    to 16 bytes (XOR of its 16-byte halves); any other string gets its 16-byte BLAKE2b digest (a
+    Python loop over those rows only). Equal strings get equal keys; distinct strings collide with
+    probability ~2^-128. Null and empty strings are invalid (they never match anything).
+    """
+    arr = _as_string_array(values)
+    n = len(arr)
+    keys = np.zeros((n, 2), dtype=np.uint64)
+    if n == 0:
+        return keys, np.zeros(0, dtype=bool)
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    valid = lengths > 0
+    if arr.null_count:
+        valid &= arr.is_valid().to_numpy(zero_copy_only=False)
+    fast = np.zeros(n, dtype=bool)
+    for length in _HEX_LENGTHS:
+        candidates = np.flatnonzero(valid & (lengths == length))
+        for s in range(0, len(candidates), _KEY_BLOCK):  # bounded temporaries
+            rows = candidates[s : s + _KEY_BLOCK]
+            if rows[-1] - rows[0] == len(rows) - 1:  # contiguous rows of one length: a zero-copy view
+                chars = data[offsets[rows[0]] : offsets[rows[-1] + 1]].reshape(len(rows), length)
+            else:
+                chars = data[offsets[rows, None] + np.arange(length)]
+            nibbles = _HEX_VALUE[chars]
+            hex_ok = (nibbles != 255).all(axis=1)
+            rows, nibbles = rows[hex_ok], nibbles[hex_ok]
+            raw = np.zeros((len(rows), 32), dtype=np.uint8)
+            raw[:, : length // 2] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+            keys[rows] = (raw[:, :16] ^ raw[:, 16:]).view(np.uint64)
+            fast[rows] = True
+    slow = np.flatnonzero(valid & ~fast)
+    if len(slow):
+        texts = arr.take(pa.array(slow)).to_pylist()
+        digests = b"".join(hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts)
+        keys[slow] = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+    return keys, valid
+
+
+def exact_key_edges(keys: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Edges (first occurrence, later occurrence) of equal fixed-width keys, sorted by the later
+    occurrence: one sort of the valid keys (``keys``: (N, 2) uint64 from ``string_keys``, or (N,))."""
+    keys = np.asarray(keys)
+    if keys.ndim == 1:
+        keys = keys[:, None]
+    if valid is None or valid.all():
+        idx, k = None, keys  # no copy
+    else:
+        idx = np.flatnonzero(valid)
+        k = keys[idx]
+    if len(k) < 2:
+        return _empty_edges()
+    order = np.lexsort(k.T[::-1])  # stable: equal keys stay in index order, the first occurrence leads
+    same = np.ones(len(k) - 1, dtype=bool)
+    for col in range(k.shape[1]):  # one sorted column at a time: 8 bytes per key of temporaries
+        sorted_col = k[order, col]
+        same &= sorted_col[1:] == sorted_col[:-1]
+        del sorted_col
+    if not same.any():
+        return _empty_edges()
+    # positions (in sorted order) inside runs of equal keys: memory scales with the duplicates
+    in_run = np.zeros(len(k), dtype=bool)
+    in_run[:-1] |= same
+    in_run[1:] |= same
+    pos = np.flatnonzero(in_run)
+    del in_run
+    is_start = np.ones(len(pos), dtype=bool)
+    is_start[1:] = ~same[pos[1:] - 1]
+    run_first = pos[is_start][np.cumsum(is_start) - 1]  # per position: its run's first position
+    later = ~is_start
+    first, member = order[run_first[later]], order[pos[later]]
+    if idx is not None:
+        first, member = idx[first], idx[member]
+    edges = np.stack([first, member], axis=1)
+    return edges[np.argsort(edges[:, 1], kind="stable")]
+
+
+def exact_duplicate_edges(keys: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Edges from each key's first occurrence to every later one; None/empty keys never match."""
-    first: dict[str, int] = {}
-    pairs: list[tuple[int, int]] = []
-    for i, key in enumerate(keys):
-        if not key:
-            continue
-        j = first.setdefault(key, i)
-        if j != i:
-            pairs.append((j, i))
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return exact_key_edges(*string_keys(keys))
+
+
+def first_of(edges: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per item, the first occurrence of its key in ``exact_key_edges`` output (itself when unique)."""
+    items = np.asarray(items, dtype=np.int64)
+    if len(edges) == 0:
+        return items.copy()
+    pos = np.minimum(np.searchsorted(edges[:, 1], items), len(edges) - 1)
+    return np.where(edges[pos, 1] == items, edges[pos, 0], items)
 
 
 _WHITESPACE = re.compile(r"\s+")
@@ -180,8 +353,11 @@ def perceptual_hash(image_bytes: bytes) -> int:
     the bytes do not decode."""
     from PIL import Image
 
+    from realsyn.image_decode import MAX_PIXELS_CEILING, open_image
+
     try:
-        with Image.open(io.BytesIO(image_bytes)) as im:
+        # allowed formats only, pixel ceiling, memory budget (realsyn.image_decode)
+        with open_image(image_bytes, max_pixels=MAX_PIXELS_CEILING) as im:
             gray = im.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     except Exception as exc:
         raise ValueError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
@@ -206,18 +382,33 @@ def perceptual_hashes(images: Sequence[bytes], stats: StepStats | None = None) -
     return hashes, ok
 
 
+_BYTE_BITS = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (np.bitwise_count on numpy >= 2, a byte table before)."""
+    x = np.asarray(x, dtype=np.uint64)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _BYTE_BITS[np.ascontiguousarray(x).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
 def _hash_bytes(hashes: np.ndarray) -> np.ndarray:
     """uint64 -> (N, 8) uint8, the layout faiss binary indexes take."""
     return np.ascontiguousarray(np.asarray(hashes, dtype=np.uint64).astype(">u8").view(np.uint8).reshape(-1, 8))
 
 
-def _upper_pairs(query_rows: np.ndarray, neighbours: np.ndarray, query_offset: int) -> np.ndarray:
-    """(query row, neighbour id) hits -> sorted (query id, neighbour id) pairs, query id < neighbour id."""
+def _upper_pairs(query_rows: np.ndarray, neighbours: np.ndarray, query_offset: int, sims: np.ndarray | None = None):
+    """(query row, neighbour id) hits -> sorted (query id, neighbour id) pairs, query id < neighbour id
+    (and, when ``sims`` is given, their similarities in the same order)."""
     q = query_rows.astype(np.int64) + int(query_offset)
     nb = neighbours.astype(np.int64)
     keep = q < nb
     pairs = np.stack([q[keep], nb[keep]], axis=1)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    if sims is None:
+        return pairs[order]
+    return pairs[order], np.asarray(sims)[keep][order]
 
 
 def _rows_of_range_result(lims: np.ndarray) -> np.ndarray:
@@ -229,8 +420,8 @@ def _rows_of_range_result(lims: np.ndarray) -> np.ndarray:
 class BinaryHashIndex:
     """Exact Hamming range search over 64-bit hashes (faiss IndexBinaryFlat); global ids in add order.
 
-    Brute force, O(indexed x queries) popcounts: fine per shard and for tens of millions with GPU
-    or sharded queries, the cost centre at the paper's 300M scale.
+    Brute force, O(indexed x queries) popcounts: the reference ``hamming_edges`` is checked against
+    (tests, bench/bench_dedup.py); the global step uses multi-index hashing instead.
     """
 
     def __init__(self) -> None:
@@ -249,30 +440,246 @@ class BinaryHashIndex:
         """Pairs (query global id, indexed id) with Hamming distance <= max_distance and query id
         < indexed id, so that querying every indexed row yields each pair once."""
         if len(query_hashes) == 0 or self.ntotal == 0:
-            return _NO_EDGES.copy()
+            return _empty_edges()
         # faiss binary range search keeps distances strictly below the radius.
         lims, _, ids = self._index.range_search(_hash_bytes(query_hashes), int(max_distance) + 1)
         return _upper_pairs(_rows_of_range_result(lims), ids, query_offset)
 
 
-def hamming_edges(hashes: np.ndarray, max_distance: int = 6) -> np.ndarray:
-    """All pairs (i < j) of one hash array within max_distance bits."""
+def hamming_edges_brute_force(hashes: np.ndarray, max_distance: int = 6) -> np.ndarray:
+    """All pairs (i < j) within max_distance bits by brute force (faiss IndexBinaryFlat): O(N^2)."""
     index = BinaryHashIndex()
     index.add(hashes)
     return index.edges(hashes, 0, max_distance)
 
 
+# Multi-index hashing. Split the 64 bits into m chunks; two hashes within distance d differ in at
+# most d chunks, so they agree exactly on at least s = m - d of them (pigeonhole; m = d + 1 is the
+# classic "one equal chunk"). For every s-subset of chunks, sort the hashes by those bits and
+# verify the pairs inside each run of equal bits. A pair is reported only under the lowest s
+# chunks it agrees on, so it comes out exactly once. More chunks mean longer keys (fewer chance
+# candidates) but C(m, d) sorts; ``mih_chunks`` picks m by a cost model.
+
+_SORT_NS_PER_ITEM_LOG = 4.0  # argsort of uint64, per element and log2(N)
+_PASS_NS_PER_ITEM = 12.0  # masking and run detection per key
+_PAIR_NS = 40.0  # generating and verifying one candidate pair
+MIH_BLOCK_PAIRS = 1 << 21  # candidate pairs generated and verified at a time (bounds memory)
+MIH_WARN_BUCKET = 20_000  # distinct hashes sharing a key: logged (quadratic work, bounded memory)
+
+
+def _chunk_masks(m: int) -> list[int]:
+    """m contiguous bit ranges covering 64 bits, the wider ones first."""
+    widths = [64 // m + (1 if k < 64 % m else 0) for k in range(m)]
+    masks, start = [], 0
+    for w in widths:
+        masks.append(((1 << w) - 1) << start)
+        start += w
+    return masks
+
+
+def _mih_cost(n: int, d: int, m: int) -> float:
+    s = m - d
+    widths = sorted(bin(mask).count("1") for mask in _chunk_masks(m))
+    key_bits = sum(widths[:s])  # pessimistic: the narrowest s chunks
+    keys = math.comb(m, s)
+    per_key = n * (_SORT_NS_PER_ITEM_LOG * max(math.log2(max(n, 2)), 1.0) + _PASS_NS_PER_ITEM)
+    per_key += _PAIR_NS * n * (n - 1) / 2 / 2.0**key_bits
+    return keys * per_key
+
+
+def mih_chunks(n: int, max_distance: int) -> int:
+    """The number of chunks m (d + 1 <= m <= 64) minimising the estimated multi-index-hashing cost
+    for n distinct uniform hashes (more chunks: fewer chance candidates, more sorts)."""
+    d = int(max_distance)
+    if d <= 0:
+        return 1
+    if d >= 64:
+        return 64
+    best, best_cost = d + 1, math.inf
+    for m in range(d + 1, 65):
+        if math.comb(m, d) > 5000:  # the number of sorts stays bounded
+            break
+        cost = _mih_cost(n, d, m)
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+def _run_pairs(sorted_keys: np.ndarray, block_pairs: int):
+    """Blocks of (p, q) positions, p < q, of every pair inside the runs of equal ``sorted_keys``;
+    each block has at most ``block_pairs`` pairs (or one position's pairs, if that is more)."""
+    n = len(sorted_keys)
+    if n < 2:
+        return
+    eq = sorted_keys[1:] == sorted_keys[:-1]
+    if not eq.any():
+        return
+    in_run = np.zeros(n, dtype=bool)
+    in_run[:-1] |= eq
+    in_run[1:] |= eq
+    pos = np.flatnonzero(in_run)
+    starts = np.ones(len(pos), dtype=bool)
+    starts[1:] = ~eq[pos[1:] - 1]
+    run_start = np.flatnonzero(starts)
+    run_len = np.diff(np.append(run_start, len(pos)))
+    if run_len.max() > MIH_WARN_BUCKET:
+        big = int(run_len.max())
+        logger.warning(
+            "pHash bucket of %d distinct hashes: %d candidate pairs, verified in blocks of %d", big, big * (big - 1) // 2, block_pairs
+        )
+    run_of = np.cumsum(starts) - 1
+    rank = np.arange(len(pos)) - run_start[run_of]
+    count = run_len[run_of] - rank - 1  # pairs (pos[k], pos[k] + t), t = 1..count
+    del run_of, rank, starts
+    cum = np.cumsum(count)
+    lo = 0
+    while lo < len(pos):
+        done = int(cum[lo - 1]) if lo else 0
+        hi = max(int(np.searchsorted(cum, done + block_pairs, side="right")), lo + 1)
+        c = count[lo:hi]
+        if c.sum():
+            first = np.repeat(pos[lo:hi], c)
+            step = np.arange(len(first), dtype=np.int64) - np.repeat(np.cumsum(c) - c, c) + 1
+            yield first, first + step
+        lo = hi
+
+
+def _subset_key(values: np.ndarray, masks: list[int]) -> np.ndarray:
+    """The bits of the chunks ``masks`` of every value: packed into uint32 when they fit (a faster
+    sort, half the memory), else the masked uint64."""
+    widths = [bin(mask).count("1") for mask in masks]
+    if sum(widths) > 32:
+        return values & np.uint64(sum(masks))
+    key = np.zeros(len(values), dtype=np.uint32)
+    pos = 0
+    for mask, width in zip(masks, widths):
+        start = (mask & -mask).bit_length() - 1
+        key |= ((values >> np.uint64(start)) & np.uint64((1 << width) - 1)).astype(np.uint32) << np.uint32(pos)
+        pos += width
+    return key
+
+
+def _distinct_hamming_pairs(values: np.ndarray, d: int, chunks: int | None, block_pairs: int) -> np.ndarray:
+    """Pairs (u < v) of indices into sorted distinct ``values`` within d bits, by multi-index hashing."""
+    n = len(values)
+    if n < 2 or d <= 0:
+        return _empty_edges()
+    if d >= 64:
+        subsets, masks = [()], []
+    else:
+        m = mih_chunks(n, d) if chunks is None else int(chunks)
+        if not d + 1 <= m <= 64:
+            raise ValueError(f"chunks must be in {d + 1}..64 for max_distance {d}, got {m}")
+        masks = _chunk_masks(m)
+        subsets = list(combinations(range(m), m - d))
+    masks_u = [np.uint64(x) for x in masks]
+    out = []
+    for subset in subsets:
+        keys = _subset_key(values, [masks[k] for k in subset])
+        order = np.argsort(keys)
+        earlier = [masks_u[k] for k in range(max(subset, default=-1)) if k not in subset]
+        for p, q in _run_pairs(keys[order], block_pairs):
+            a, b = order[p], order[q]
+            diff = values[a] ^ values[b]
+            ok = popcount64(diff) <= d
+            for mk in earlier:  # agreeing on an earlier chunk: reported under another subset
+                ok &= (diff & mk) != 0
+            if ok.any():
+                a, b = a[ok], b[ok]
+                out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+    return np.concatenate(out) if out else _empty_edges()
+
+
+def _cross_pairs(members_a: np.ndarray, members_b: np.ndarray, starts: np.ndarray, counts: np.ndarray, pairs: np.ndarray):
+    """Every (x, y) with x in group pairs[:, 0] and y in group pairs[:, 1] (groups as runs of members)."""
+    ca, cb = counts[pairs[:, 0]], counts[pairs[:, 1]]
+    per = ca * cb
+    pair_of = np.repeat(np.arange(len(pairs)), per)
+    k = np.arange(int(per.sum()), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    x = members_a[starts[pairs[pair_of, 0]] + k // cb[pair_of]]
+    y = members_b[starts[pairs[pair_of, 1]] + k % cb[pair_of]]
+    return x, y
+
+
+def hamming_edges(
+    hashes: np.ndarray, max_distance: int = 6, *, all_pairs: bool = True, chunks: int | None = None, block_pairs: int = MIH_BLOCK_PAIRS
+) -> np.ndarray:
+    """Pairs (i < j) of one hash array within max_distance bits, by multi-index hashing.
+
+    Identical hashes are collapsed first (``np.unique``), so a pathological bucket of equal hashes
+    (blank images all hash to 0) costs one sort, and pairs are searched among distinct values only.
+    A run of many *distinct* hashes sharing a key is still verified pair by pair, but in blocks of
+    ``block_pairs`` (memory stays bounded; a warning names its size).
+
+    ``all_pairs=True``: every pair, sorted, exactly as brute force finds them. ``all_pairs=False``:
+    a spanning edge set with the same connected components, for Union-Find: every copy of a hash
+    to its first occurrence, and one edge per pair of distinct near hashes between their first
+    occurrences (O(N) edges even when a million images share a hash).
+    ``chunks``: the number of chunks m (d + 1..64); None picks it with ``mih_chunks``.
+    """
+    d = int(max_distance)
+    if d < 0:
+        raise ValueError(f"max_distance must be >= 0, got {d}")
+    h = np.asarray(hashes, dtype=np.uint64).ravel()
+    if len(h) < 2:
+        return _empty_edges()
+    values, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+    near = _distinct_hamming_pairs(values, d, chunks, block_pairs)
+    if not all_pairs:
+        copies = np.flatnonzero(first[inverse] != np.arange(len(h)))
+        a, b = first[near[:, 0]], first[near[:, 1]]
+        edges = np.concatenate([np.stack([first[inverse[copies]], copies], axis=1), np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)])
+        return edges[np.lexsort((edges[:, 1], edges[:, 0]))]
+    # Expand groups of equal hashes into every pair: members of each distinct value, in index order.
+    members = np.argsort(inverse, kind="stable").astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    parts = []
+    multi = np.flatnonzero(counts > 1)
+    if len(multi):
+        for p, q in _run_pairs(inverse[members], block_pairs):
+            parts.append(np.stack([members[p], members[q]], axis=1))
+    if len(near):
+        x, y = _cross_pairs(members, members, starts, counts, near)
+        parts.append(np.stack([np.minimum(x, y), np.maximum(x, y)], axis=1))
+    if not parts:
+        return _empty_edges()
+    edges = np.concatenate(parts)
+    return edges[np.lexsort((edges[:, 1], edges[:, 0]))]
+
+
 # -- semantic (embedding) near-duplicates --------------------------------------------------------
+
+AUTO_FLAT_BELOW = 50_000  # "auto": exact Flat below this many vectors, IVF-SQ8 from here on
+APPROXIMATE_CODES = re.compile(r"SQ|PQ|LSH|RaBitQ")
+SQ_MARGIN = 0.02  # approximate codes: candidates from threshold - margin, then exact verification
+
+
+def auto_index_factory(n: int) -> str:
+    """The faiss index of "auto": Flat (exact) below AUTO_FLAT_BELOW vectors, else
+    ``IVF{4 sqrt(n)},SQ8`` (bench/bench_dedup.py: tens of times faster than Flat at recall ~1
+    once edges are verified)."""
+    if n < AUTO_FLAT_BELOW:
+        return "Flat"
+    return f"IVF{int(4 * math.sqrt(n))},SQ8"
+
+
+def rowwise_dot(a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
+    """float32 inner product of matching rows."""
+    out = np.empty(len(a), dtype=np.float32)
+    for s in range(0, len(a), block):
+        out[s : s + block] = np.einsum("ij,ij->i", a[s : s + block], b[s : s + block])
+    return out
 
 
 class SemanticIndex:
     """Inner-product faiss index over L2-normalised vectors; edges = pairs with cosine >= threshold.
 
-    ``index_factory`` "Flat" is exact. IVF variants ("IVF4096,Flat"; at scale "IVF65536,SQ8") must
-    be ``train``-ed on a sample first and probe only ``nprobe`` lists, so recall is approximate.
-    With compressed codes the similarities are approximate too: SQ8 (a byte per dimension) keeps
-    them close, while PQ ("IVF65536,PQ32np"; "np" skips polysemous training) underestimates them,
-    so pairs just above the threshold are lost (bench/bench_dedup.py measures this).
+    ``index_factory`` "Flat" is exact. IVF variants ("IVF4096,Flat"; at scale "IVF65536,SQ8",
+    ``auto_index_factory``) must be ``train``-ed on a sample first and probe only ``nprobe``
+    lists, so recall is approximate. With compressed codes (SQ, PQ: ``approximate``) the
+    similarities are approximate too: ``edges`` then returns *candidates* at ``threshold -
+    margin``, with their approximate similarity, and the caller verifies them with the exact
+    inner product (``realsyn.stages.dedup`` does, so every edge it keeps is exact).
     On GPU (faiss-gpu with ``use_gpu`` "auto" or "always") range search is not available for every
     index type, so the index is searched for ``k_neighbors`` nearest neighbours and thresholded: a
     row with more than k near-duplicates loses the excess (counted in ``saturated_queries``).
@@ -287,6 +694,7 @@ class SemanticIndex:
         k_neighbors: int = 64,
         nprobe: int = 16,
         search: str = "auto",
+        margin: float | None = None,
     ) -> None:
         import faiss
 
@@ -294,8 +702,15 @@ class SemanticIndex:
             raise ValueError("search must be 'auto', 'range' or 'knn'")
         gpu = faiss_use_gpu(use_gpu)
         self.dim, self.threshold, self.k_neighbors, self.nprobe = int(dim), float(threshold), int(k_neighbors), int(nprobe)
+        self.index_factory = index_factory
+        self.approximate = bool(APPROXIMATE_CODES.search(index_factory))
+        self.margin = float((SQ_MARGIN if self.approximate else 0.0) if margin is None else margin)
         self.saturated_queries = 0
         index = faiss.index_factory(self.dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+        try:
+            self.nlist = int(faiss.extract_index_ivf(index).nlist)
+        except RuntimeError:  # not an IVF index
+            self.nlist = 0
         if gpu:
             index = faiss.index_cpu_to_all_gpus(index)
         self.on_gpu = gpu
@@ -320,6 +735,11 @@ class SemanticIndex:
     def is_trained(self) -> bool:
         return bool(self._index.is_trained)
 
+    @property
+    def train_size(self) -> int:
+        """Training sample to ask for: 64 points per IVF list (faiss wants >= 39), at least 10,000."""
+        return max(10_000, 64 * self.nlist)
+
     def _check(self, emb: np.ndarray) -> np.ndarray:
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
@@ -327,7 +747,7 @@ class SemanticIndex:
         return emb
 
     def train(self, sample: np.ndarray) -> None:
-        """Train IVF/PQ quantisers on a sample (faiss wants >= ~39 points per list)."""
+        """Train IVF/SQ/PQ quantisers on a sample (faiss wants >= ~39 points per list)."""
         self._index.train(self._check(sample))
         self._set_nprobe()
 
@@ -337,24 +757,28 @@ class SemanticIndex:
             raise RuntimeError("index must be trained before add(): call train(sample)")
         self._index.add(self._check(emb))
 
-    def edges(self, query_emb: np.ndarray, query_offset: int) -> np.ndarray:
-        """Sorted pairs (query global id, indexed id) with similarity >= threshold and query id <
-        indexed id: when every indexed row is queried once, each pair comes out exactly once."""
+    def edges(self, query_emb: np.ndarray, query_offset: int, with_similarity: bool = False):
+        """Sorted pairs (query global id, indexed id) with similarity >= threshold - margin and query
+        id < indexed id: when every indexed row is queried once, each pair comes out exactly once.
+        ``with_similarity``: also the (index's, so approximate for SQ/PQ codes) similarities."""
         query_emb = self._check(query_emb)
         if len(query_emb) == 0 or self.ntotal == 0:
-            return _NO_EDGES.copy()
+            return (_empty_edges(), np.zeros(0, np.float32)) if with_similarity else _empty_edges()
+        cut = np.float32(self.threshold - self.margin)
         if self.search == "range":
             # faiss keeps similarities strictly above the radius; step one float below to get >=.
-            radius = float(np.nextafter(np.float32(self.threshold), np.float32(-np.inf)))
+            radius = float(np.nextafter(cut, np.float32(-np.inf)))
             lims, sims, ids = self._index.range_search(query_emb, radius)
-            keep = sims >= np.float32(self.threshold)
-            return _upper_pairs(_rows_of_range_result(lims)[keep], ids[keep], query_offset)
+            keep = sims >= cut
+            pairs, s = _upper_pairs(_rows_of_range_result(lims)[keep], ids[keep], query_offset, sims[keep])
+            return (pairs, s) if with_similarity else pairs
         k = min(self.k_neighbors, self.ntotal)
         sims, ids = self._index.search(query_emb, k)
-        hit = (sims >= np.float32(self.threshold)) & (ids >= 0)
+        hit = (sims >= cut) & (ids >= 0)
         saturated = int(hit.all(axis=1).sum()) if k < self.ntotal else 0
         if saturated:
             self.saturated_queries += saturated
-            logger.warning("%d queries had all %d neighbours above %.3f; raise k_neighbors", saturated, k, self.threshold)
+            logger.warning("%d queries had all %d neighbours above %.3f; raise k_neighbors", saturated, k, cut)
         rows = np.broadcast_to(np.arange(len(query_emb), dtype=np.int64)[:, None], hit.shape)
-        return _upper_pairs(rows[hit], ids[hit], query_offset)
+        pairs, s = _upper_pairs(rows[hit], ids[hit], query_offset, sims[hit])
+        return (pairs, s) if with_similarity else pairs

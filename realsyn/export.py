@@ -4,6 +4,12 @@ A sample is a dict with ``key`` (a safe ``__key__``), ``image_bytes``, ``image_f
 (the caption a trainer sees) and ``json`` (all texts: real ones ranked with scores, synthetic ones,
 size, source document); ``make_sample`` builds one. Tars are written deterministically (fixed
 mtime, owner and member order), so a rerun produces byte-identical shards.
+
+``write_webdataset`` / ``samples_to_parquet_table`` write such sample dicts one at a time.
+``ShardSamples`` is the export stage's path: one shard's samples for every split in one pass over
+the shard's images, column-wise (image members are zero-copy views of the image column, tar
+headers and JSON built per batch, tars assembled with ``os.writev``), with the same tar members and
+Parquet rows as the sample-dict path (``reference_samples`` + ``write_webdataset``).
 """
 
 from __future__ import annotations
@@ -11,12 +17,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from realsyn.image_db import UndecodableImageError
 from realsyn.io import json_default
@@ -103,16 +114,16 @@ def normalize_image(image_bytes: bytes, image_format: str | None) -> tuple[bytes
     ext = IMAGE_EXTENSIONS.get((image_format or "").lower())
     if ext is not None:
         return image_bytes, ext
-    from PIL import Image
+    from realsyn.image_decode import MAX_PIXELS_CEILING, open_image
 
+    out = io.BytesIO()
     try:
-        with Image.open(io.BytesIO(image_bytes)) as im:
+        # allowed formats only, pixel ceiling and memory budget (decode + RGB copy: 8 bytes a pixel)
+        with open_image(image_bytes, max_pixels=MAX_PIXELS_CEILING, bytes_per_pixel=8) as im:
             im.load()
-            rgb = _to_rgb(im)
+            _to_rgb(im).save(out, format="JPEG", quality=REENCODE_JPEG_QUALITY)
     except Exception as e:  # Pillow raises many types for bad data
         raise UndecodableImageError(f"cannot decode {image_format!r} image: {e}") from e
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=REENCODE_JPEG_QUALITY)
     return out.getvalue(), "jpg"
 
 
@@ -229,3 +240,542 @@ def samples_to_parquet_table(samples: Iterable[dict[str, Any]], stats: StepStats
         rows["synthetic_texts"].append(list(meta.get("synthetic_texts") or []))
         stats.add("samples_written")
     return pa.Table.from_pydict(rows, schema=PARQUET_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------
+# Column-wise export of one shard: every split's samples in one pass over the shard's images.
+
+
+def _tar_header_template() -> tuple[bytes, bytes, bytes, int]:
+    """The constant parts of the header ``_add_member`` writes, taken from this Python's tarfile.
+
+    (mode+uid+gid, mtime, type..end, checksum of those parts with the checksum field as spaces).
+    """
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o644, 0, 0, "", ""
+    buf = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    if len(buf) != tarfile.BLOCKSIZE:  # pragma: no cover - a pax header would mean an unexpected tarfile
+        raise RuntimeError("unexpected tar header layout")
+    mode_ids, mtime, tail = buf[100:124], buf[136:148], buf[156:512]
+    return mode_ids, mtime, tail, 8 * ord(" ") + sum(mode_ids) + sum(mtime) + sum(tail)
+
+
+_MODE_IDS, _MTIME, _HEADER_TAIL, _HEADER_SUM = _tar_header_template()
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+def tar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte header ``tarfile`` (PAX format) writes for a member of ``_add_member``: ASCII name <= 100 bytes."""
+    if len(name) > 100 or not name.isascii() or size >= 8**11:
+        raise ValueError(f"tar member {name!r} of {size} bytes needs a pax header")
+    size_field = b"%011o\x00" % size
+    chksum = _HEADER_SUM + sum(name) + sum(size_field)
+    return b"".join((name.ljust(100, b"\x00"), _MODE_IDS, size_field, _MTIME, b"%06o\x00 " % chksum, _HEADER_TAIL))
+
+
+def _header_template() -> np.ndarray:
+    """A header with an empty name, an empty size field and the checksum field as spaces."""
+    tpl = np.frombuffer(tar_header(b"", 0), np.uint8).copy()
+    tpl[124:136] = 0
+    tpl[148:156] = ord(" ")
+    return tpl
+
+
+_HEADER_TEMPLATE = _header_template()
+_SIZE_SHIFTS = 3 * np.arange(10, -1, -1, dtype=np.int64)  # 11 octal digits
+_CHKSUM_SHIFTS = 3 * np.arange(5, -1, -1, dtype=np.int64)  # 6 octal digits
+
+
+def tar_headers(names: Sequence[bytes], sizes: Sequence[int]) -> list[bytes]:
+    """``[tar_header(name, size) ...]`` computed column-wise (names, sizes, checksums as arrays)."""
+    n = len(names)
+    if not n:
+        return []
+    size = np.asarray(sizes, np.int64)
+    if max(map(len, names)) > 100 or not all(x.isascii() for x in names) or size.max() >= 8**11:
+        return [tar_header(x, int(y)) for x, y in zip(names, size)]  # raises for the one that needs a pax header
+    out = np.empty((n, tarfile.BLOCKSIZE), np.uint8)
+    out[:] = _HEADER_TEMPLATE
+    out[:, :100] = np.frombuffer(b"".join(x.ljust(100, b"\x00") for x in names), np.uint8).reshape(n, 100)
+    out[:, 124:135] = 48 + ((size[:, None] >> _SIZE_SHIFTS) & 7)
+    chksum = out.sum(axis=1, dtype=np.int64)
+    out[:, 148:154] = 48 + ((chksum[:, None] >> _CHKSUM_SHIFTS) & 7)
+    out[:, 154] = 0
+    blob = out.tobytes()
+    return [blob[k : k + tarfile.BLOCKSIZE] for k in range(0, len(blob), tarfile.BLOCKSIZE)]
+
+
+def _padding(size: int) -> bytes:
+    return _ZERO_BLOCK[: -size % tarfile.BLOCKSIZE]
+
+
+def tar_member(name: bytes, data: bytes) -> bytes:
+    """One whole member (header, data, padding), as ``_add_member`` writes it."""
+    return tar_header(name, len(data)) + data + _padding(len(data))
+
+
+class TarStream:
+    """Writes tar members strictly forward, byte for byte as ``tarfile.open(mode="w|", format=PAX_FORMAT)``.
+
+    The caller appends already-built members (``tar_member``, or ``tar_header`` + data + padding);
+    ``close`` writes the end-of-archive blocks and pads to the 10 KiB record as tarfile does.
+    """
+
+    def __init__(self, file: BinaryIO, flush_bytes: int = 8 << 20):
+        self.file, self.flush_bytes = file, flush_bytes
+        self.parts: list[Any] = []
+        self.pending = 0  # bytes in parts
+        self.offset = 0  # bytes written to file
+
+    def write(self, data) -> None:
+        """Append bytes (kept by reference until the next flush: the caller must not change them)."""
+        self.write_parts((data,), len(data))
+
+    def write_parts(self, parts: Sequence[Any], nbytes: int) -> None:
+        """Append several buffers of ``nbytes`` bytes in all (kept by reference until the next flush)."""
+        self.parts.extend(parts)
+        self.pending += nbytes
+        if self.pending >= self.flush_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.parts:
+            writev = getattr(self.file, "writev", None)
+            if writev is not None:
+                writev(self.parts, self.pending)  # gathered by the kernel: no copy here
+            else:
+                self.file.write(b"".join(self.parts))  # one copy, one large write
+        self.offset += self.pending
+        self.parts, self.pending = [], 0
+
+    def close(self) -> None:
+        end = tarfile.BLOCKSIZE * 2
+        total = self.offset + self.pending + end
+        self.write(bytes(end + (-total % tarfile.RECORDSIZE)))
+        self._flush()
+        self.file.close()
+
+
+class GatherFile:
+    """A new local file written with ``os.writev``: a list of buffers per system call, none copied first."""
+
+    IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def writev(self, parts: Sequence[Any], nbytes: int | None = None) -> None:
+        for start in range(0, len(parts), self.IOV_MAX):
+            chunk = parts[start : start + self.IOV_MAX]
+            written, total = os.writev(self.fd, chunk), sum(map(len, chunk))
+            if written < total:  # a short write (rare on a local file): the rest in plain writes
+                rest = memoryview(b"".join(chunk))[written:]
+                while rest:
+                    rest = rest[os.write(self.fd, rest) :]
+
+    def write(self, data) -> int:
+        self.writev([data])
+        return len(data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> GatherFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _binary_views(column: pa.ChunkedArray, rows: np.ndarray) -> list[memoryview | None]:
+    """The values of a binary column at ``rows`` as zero-copy memoryviews (None where null)."""
+    out: list[memoryview | None] = [None] * len(rows)
+    lengths = [len(c) for c in column.chunks]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    for ci, chunk in enumerate(column.chunks):
+        sel = np.flatnonzero(which == ci)
+        if not len(sel):
+            continue
+        if pa.types.is_large_binary(chunk.type):
+            offset_type = np.int64
+        elif pa.types.is_binary(chunk.type):
+            offset_type = np.int32
+        else:
+            raise TypeError(f"image_bytes must be binary, got {chunk.type}")
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        local = rows[sel] - starts[ci]
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)[local] if chunk.null_count else np.ones(len(local), bool)
+        for j, a, b, ok in zip(sel.tolist(), offsets[local].tolist(), offsets[local + 1].tolist(), valid.tolist()):
+            if ok:
+                out[j] = data[a:b]
+    return out
+
+
+def _positions(ids: pa.ChunkedArray | pa.Array, table_ids: pa.ChunkedArray, what: str) -> np.ndarray:
+    """Row of each of ``ids`` in ``table_ids`` (every id must be there)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    pos = pc.index_in(ids, value_set=table_ids.combine_chunks() if isinstance(table_ids, pa.ChunkedArray) else table_ids)
+    if pos.null_count:
+        missing = pc.filter(ids, pc.is_null(pos)).to_pylist()
+        head = ", ".join(map(repr, missing[:3])) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(f"{len(missing)} chosen images have no row in {what}: {head}")
+    return pos.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+_encode_str = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
+
+
+def _json_value(value: Any) -> str:
+    return _encode_str(value) if value.__class__ is str else ("null" if value is None else _JSON_ENCODER.encode(value))
+
+
+def _json_list(items: Sequence[Any]) -> str:
+    return "[" + ", ".join([_encode_str(x) if x.__class__ is str else _JSON_ENCODER.encode(x) for x in items]) + "]"
+
+
+def _json_floats(values: Sequence[Any]) -> str:
+    """As json.dumps writes ``[float(v) for v in values]``: repr, and NaN / Infinity by the encoder."""
+    out = []
+    for v in values:
+        f = float(v)
+        out.append(repr(f) if math.isfinite(f) else _JSON_ENCODER.encode(f))
+    return "[" + ", ".join(out) + "]"
+
+
+# (json member, txt member) -> (members before the image member, members after it), by image extension
+_MEMBER_ORDER: dict[str, Callable[[bytes, bytes], tuple[bytes, bytes]]] = {
+    "jpg": lambda j, t: (b"", j + t),
+    "png": lambda j, t: (j, t),
+    "webp": lambda j, t: (j + t, b""),
+}
+assert all(sorted(["k." + ext, "k.json", "k.txt"]).index("k." + ext) == len(_MEMBER_ORDER[ext](b"j", b"t")[0]) for ext in _MEMBER_ORDER)
+_JSON_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=json_default)
+_PARQUET_BATCH_ROWS = 1024  # Parquet rows per row group (at least; a split's last one smaller)
+
+
+class _Batch:
+    """The prepared samples of one batch of image rows: tar member pieces and Parquet columns per slot."""
+
+    def __init__(self, owner: ShardSamples, start: int, images: pa.Table | pa.RecordBatch, rows: np.ndarray):
+        self.start, self.images = start, images
+        self.rows = rows  # sorted unique image rows (of the whole shard) this batch prepares
+        self.slot = np.full(images.num_rows, -1, np.int64)
+        self.slot[rows - start] = np.arange(len(rows))
+        local = pa.array(rows - start, pa.int64())
+        n = len(rows)
+        self.retrieval_rows = owner.retrieval_of[rows]
+        retr = owner.retrievals.select(["sentence_ids", "texts", "scores"]).take(pa.array(self.retrieval_rows, pa.int64()))
+        synthetic = owner.captions.column("synthetic_caption").take(pa.array(owner.caption_of[rows], pa.int64())).to_pylist()
+        data = _binary_views(_chunked(images.column("image_bytes")), rows - start)
+        meta_columns = ("image_id", "format", "width", "height", "doc_id", "source")
+        columns = [_chunked(images.column(c)).take(local).to_pylist() for c in meta_columns]
+        texts_col, scores_col, sentence_ids_col = (retr.column(c).to_pylist() for c in ("texts", "scores", "sentence_ids"))
+        # per slot: None when exportable, else the drop reason; and the pieces of its tar members
+        self.status: list[str | None] = [None] * n
+        self.keys: list[str] = [""] * n
+        self.txt: list[str | None] = [None] * n
+        self.synthetic: list[list[str]] = [[c] if c else [] for c in synthetic]
+        self.out_format: list[str | None] = [None] * n
+        self.reencoded: list[bytes | None] = [None] * n
+        self.members: list[tuple[bytes, Any, bytes, int] | None] = [None] * n
+        shard_json = _json_value(owner.shard)
+        ok: list[int] = []  # slots to build members for, with their image bytes, extension, json and txt
+        images_ok: list[Any] = []
+        exts: list[str] = []
+        jsons: list[bytes] = []
+        txts: list[bytes] = []
+        for i, (image_id, fmt, width, height, doc_id, source) in enumerate(zip(*columns)):
+            self.keys[i] = safe_key(image_id)
+            real_texts, synthetic_texts = list(texts_col[i] or []), self.synthetic[i]
+            txt = self.txt[i] = training_caption(real_texts, synthetic_texts)
+            image = data[i]
+            if not image:
+                self.status[i] = "missing_image"
+                continue
+            if txt is None:
+                self.status[i] = "missing_txt"
+                continue
+            ext = IMAGE_EXTENSIONS.get((fmt or "").lower())
+            if ext is None:
+                try:
+                    image, ext = normalize_image(bytes(image), fmt)
+                except UndecodableImageError:
+                    self.status[i] = "undecodable_image"
+                    continue
+                self.reencoded[i] = image
+            self.out_format[i] = "jpeg" if ext == "jpg" else ext
+            sentence_ids = sentence_ids_col[i]
+            # json.dumps(make_sample(...)["json"], sort_keys=True, ensure_ascii=False), written out key by key
+            meta = (
+                f'{{"doc_id": {_json_value(doc_id)}, "height": {int(height)}, "image_id": {_json_value(image_id)}, '
+                f'"real_scores": {_json_floats(scores_col[i] or [])}, '
+                f'"real_sentence_ids": {"null" if sentence_ids is None else _json_list(sentence_ids)}, '
+                f'"real_texts": {_json_list(real_texts)}, "shard": {shard_json}, "source": {_json_value(source)}, '
+                f'"synthetic_texts": {_json_list(synthetic_texts)}, "width": {int(width)}}}'
+            )
+            ok.append(i)
+            images_ok.append(image)
+            exts.append(ext)
+            jsons.append(meta.encode("utf-8"))
+            txts.append(txt.encode("utf-8"))
+        keys = [self.keys[i].encode() for i in ok]
+        json_headers = tar_headers([k + b".json" for k in keys], [len(x) for x in jsons])
+        txt_headers = tar_headers([k + b".txt" for k in keys], [len(x) for x in txts])
+        image_headers = tar_headers([k + b"." + e.encode() for k, e in zip(keys, exts)], [len(x) for x in images_ok])
+        for j, i in enumerate(ok):
+            json_data, txt_data, image = jsons[j], txts[j], images_ok[j]
+            json_member = b"".join((json_headers[j], json_data, _padding(len(json_data))))
+            txt_member = b"".join((txt_headers[j], txt_data, _padding(len(txt_data))))
+            # members in name order, as write_webdataset writes them: "jpg" < "json" < "png" < "txt" < "webp"
+            before, after = _MEMBER_ORDER[exts[j]](json_member, txt_member)
+            head, tail = before + image_headers[j], _padding(len(image)) + after
+            self.members[i] = (head, image, tail, len(head) + len(image) + len(tail))
+
+    def parquet_table(self, owner: ShardSamples, slots: np.ndarray) -> pa.Table:
+        """PARQUET_SCHEMA rows of ``slots`` (exportable ones only)."""
+        sl = slots.tolist()
+        local = pa.array(self.rows[slots] - self.start, pa.int64())
+        images = self.images
+        if any(self.reencoded[s] is not None for s in sl):
+            views = _binary_views(_chunked(images.column("image_bytes")), self.rows[slots] - self.start)
+            image_bytes = pa.array(
+                [self.reencoded[s] if self.reencoded[s] is not None else bytes(v) for s, v in zip(sl, views)], pa.binary()
+            )
+        else:
+            image_bytes = _chunked(images.column("image_bytes")).take(local)
+        retrieval_rows = pa.array(self.retrieval_rows[slots], pa.int64())
+        real_texts = owner.retrievals.column("texts").take(retrieval_rows)
+        real_scores = owner.retrievals.column("scores").take(retrieval_rows)
+        if real_texts.null_count or real_scores.null_count:
+            real_texts = pa.array([x or [] for x in real_texts.to_pylist()], pa.list_(pa.string()))
+            real_scores = pa.array([x or [] for x in real_scores.to_pylist()], pa.list_(pa.float32()))
+        columns = {
+            "key": pa.array([self.keys[s] for s in sl], pa.string()),
+            "image_id": _chunked(images.column("image_id")).take(local),
+            "doc_id": _chunked(images.column("doc_id")).take(local),
+            "source": _chunked(images.column("source")).take(local),
+            "image_bytes": image_bytes,
+            "image_format": pa.array([self.out_format[s] for s in sl], pa.string()),
+            "width": _chunked(images.column("width")).take(local),
+            "height": _chunked(images.column("height")).take(local),
+            "txt": pa.array([self.txt[s] for s in sl], pa.string()),
+            "real_texts": real_texts,
+            "real_scores": real_scores,
+            "synthetic_texts": pa.array([self.synthetic[s] for s in sl], pa.list_(pa.string())),
+        }
+        return pa.table([_as_type(columns[f.name], f.type) for f in PARQUET_SCHEMA], schema=PARQUET_SCHEMA)
+
+
+def _chunked(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values], values.type)
+
+
+class SplitOutput:
+    """Where one split's samples of a shard go: tars ``tar_name(0), tar_name(1), ...`` (at most
+    ``samples_per_shard`` samples each) through ``open_shard(name)``, and one Parquet file (``parquet``,
+    opened by ``open_parquet()`` if the split chose any image of the shard)."""
+
+    def __init__(
+        self,
+        open_shard: Callable[[str], BinaryIO],
+        tar_name: Callable[[int], str],
+        open_parquet: Callable[[], BinaryIO] | None,
+        samples_per_shard: int = 1000,
+        stats: StepStats | None = None,
+    ):
+        if samples_per_shard <= 0:
+            raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+        self.open_shard, self.tar_name, self.open_parquet = open_shard, tar_name, open_parquet
+        self.samples_per_shard = samples_per_shard
+        self.stats = stats if stats is not None else StepStats("export")
+        self.sizes: dict[str, int] = {}
+        self._tar: TarStream | None = None
+        self._name, self._count = "", 0
+        self._parquet_file: BinaryIO | None = None
+        self._parquet: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def _start(self) -> None:
+        if self.open_parquet is not None:
+            self._parquet_file = self.open_parquet()
+            self._parquet = pq.ParquetWriter(self._parquet_file, PARQUET_SCHEMA, **PARQUET_WRITE_OPTIONS)
+
+    def _write(self, owner: ShardSamples, batch: _Batch, rows: np.ndarray) -> None:
+        """The chosen ``rows`` (image rows of ``batch``, in the split's order): tar members, then Parquet rows."""
+        slots = batch.slot[rows - batch.start]
+        self.stats.add("samples_in", len(slots))
+        keep = []
+        for slot in slots.tolist():
+            member = batch.members[slot]
+            if member is None:
+                self.stats.drop(batch.status[slot])
+                continue
+            if batch.reencoded[slot] is not None:
+                self.stats.add("reencoded_jpeg")
+            if self._tar is None or self._count >= self.samples_per_shard:
+                self._close_tar()
+                self._name, self._count = self.tar_name(len(self.sizes)), 0
+                self._tar = TarStream(self.open_shard(self._name))
+            self._tar.write_parts(member[:3], member[3])
+            self._count += 1
+            keep.append(slot)
+        if self._parquet is not None and keep:
+            self._pending.append(batch.parquet_table(owner, np.asarray(keep, np.int64)))
+            self._pending_rows += len(keep)
+            if self._pending_rows >= _PARQUET_BATCH_ROWS:
+                self._flush_parquet()
+
+    def _flush_parquet(self) -> None:
+        if self._pending:
+            self._parquet.write_table(pa.concat_tables(self._pending))  # one row group
+        self._pending, self._pending_rows = [], 0
+
+    def _close_tar(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self.sizes[self._name] = self._count
+            self._tar = None
+
+    def _finish(self) -> None:
+        self._close_tar()
+        if self._parquet is not None:
+            self._flush_parquet()
+            self._parquet.close()
+            self._parquet_file.close()
+            self._parquet = None
+        self.stats.add("samples_written", sum(self.sizes.values()))
+        self.stats.add("shards_written", len(self.sizes))
+
+    def _abort(self) -> None:
+        if self._tar is not None:
+            self._tar.file.close()
+        if self._parquet_file is not None:
+            self._parquet_file.close()
+
+
+class ShardSamples:
+    """The export samples of one shard, written for every split in one pass over the shard's images.
+
+    ``image_ids`` are the ids of the shard's filtered images (row order); ``retrievals`` (image_id,
+    sentence_ids, texts, scores) and ``captions`` (image_id, synthetic_caption) the shard's tables;
+    ``selections`` maps each split to the image ids it chose, in order. ``write`` then takes the
+    image rows in batches (image_id, image_bytes, format, width, height, doc_id, source) and, per
+    batch, prepares every image some split chose once (key, json and txt members, its image member
+    a zero-copy view of the image column, re-encoded once if its format needs it), then appends
+    each split's samples of that batch to the split's tars and Parquet file. Tar members and Parquet
+    rows equal what ``make_sample`` + ``write_webdataset`` / ``samples_to_parquet_table`` produce
+    for the same samples (``reference_samples``), in the same order. Streaming needs every split's
+    rows in ascending image order (``ordered``; the samplers keep candidate order); otherwise the
+    caller passes the whole table as one batch.
+    """
+
+    def __init__(
+        self,
+        shard: str,
+        image_ids: pa.Array | pa.ChunkedArray,
+        retrievals: pa.Table,
+        captions: pa.Table,
+        selections: dict[str, Sequence[str] | pa.Array | pa.ChunkedArray],
+    ):
+        self.shard, self.retrievals, self.captions = shard, retrievals, captions
+        self.num_images = len(image_ids)
+        self.rows = {
+            split: _positions(ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string()), image_ids, "the images")
+            for split, ids in selections.items()
+        }
+        self.ordered = all(len(r) < 2 or bool(np.all(np.diff(r) >= 0)) for r in self.rows.values())
+        chosen = [r for r in self.rows.values() if len(r)]
+        union = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+        union_ids = (image_ids if isinstance(image_ids, pa.ChunkedArray) else pa.chunked_array([image_ids])).take(
+            pa.array(union, pa.int64())
+        )
+        self.retrieval_of = np.full(self.num_images, -1, np.int64)
+        self.caption_of = np.full(self.num_images, -1, np.int64)
+        self.retrieval_of[union] = _positions(union_ids, retrievals.column("image_id"), "the retrievals")
+        self.caption_of[union] = _positions(union_ids, captions.column("image_id"), "the synthetic captions")
+
+    def selected(self, split: str) -> int:
+        return len(self.rows[split])
+
+    def write(self, batches: Iterable[pa.RecordBatch | pa.Table], outputs: dict[str, SplitOutput]) -> dict[str, dict[str, int]]:
+        """Every split's samples from ``batches`` (the image rows in order, all of them): {split: {tar name: samples}}."""
+        if not self.ordered:
+            batches = list(batches)
+            if len(batches) > 1:
+                raise ValueError("a split's image rows are not in ascending order: pass the whole image table as one batch")
+        done = {split: 0 for split in outputs}
+        for out in outputs.values():
+            out._start()
+        start = 0
+        try:
+            for batch_table in batches:
+                end = start + batch_table.num_rows
+                if self.ordered:
+                    todo = {split: self.rows[split][done[split] : np.searchsorted(self.rows[split], end)] for split in outputs}
+                else:
+                    todo = {split: self.rows[split] for split in outputs}
+                wanted = [r for r in todo.values() if len(r)]
+                if wanted:
+                    batch = _Batch(self, start, batch_table, np.unique(np.concatenate(wanted)))
+                    for split, rows in todo.items():
+                        if len(rows):
+                            outputs[split]._write(self, batch, rows)
+                            done[split] += len(rows)
+                start = end
+            if start != self.num_images:
+                raise ValueError(f"the batches held {start} image rows, the shard has {self.num_images}")
+            for out in outputs.values():
+                out._finish()
+        except BaseException:
+            for out in outputs.values():
+                out._abort()
+            raise
+        return {split: out.sizes for split, out in outputs.items()}
+
+
+def _as_type(values: pa.Array | pa.ChunkedArray, type_: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    return values if values.type == type_ else values.cast(type_)
+
+
+# image bytes are JPEG/PNG/WebP, already compressed: zstd and a dictionary only cost time there
+PARQUET_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": {f.name: ("none" if f.name == "image_bytes" else "zstd") for f in PARQUET_SCHEMA},
+    "use_dictionary": [f.name for f in PARQUET_SCHEMA if f.name != "image_bytes"],
+}
+
+
+def reference_samples(
+    shard: str, images: pa.Table, retrievals: pa.Table, captions: pa.Table, chosen: Sequence[str]
+) -> Iterator[dict[str, Any]]:
+    """The samples of ``chosen`` one row at a time through ``make_sample``: the specification ``ShardSamples`` meets.
+
+    Slow (a Python row per sample); tests and the export benchmark compare against it.
+    """
+    ipos = {x: i for i, x in enumerate(images.column("image_id").to_pylist())}
+    rpos = {x: i for i, x in enumerate(retrievals.column("image_id").to_pylist())}
+    cpos = {x: i for i, x in enumerate(captions.column("image_id").to_pylist())}
+    for image_id in chosen:
+        img = images.slice(ipos[image_id], 1).to_pylist()[0]
+        r = retrievals.slice(rpos[image_id], 1).to_pylist()[0]
+        synthetic = captions.column("synthetic_caption")[cpos[image_id]].as_py()
+        sample = make_sample(
+            image_id,
+            img["image_bytes"],
+            img["format"],
+            r["texts"],
+            r["scores"],
+            [synthetic],
+            img["width"],
+            img["height"],
+            img["doc_id"],
+            img["source"],
+        )
+        sample["json"].update(real_sentence_ids=r["sentence_ids"], shard=shard)
+        yield sample

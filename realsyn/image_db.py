@@ -1,8 +1,10 @@
 """Stage 2: the image DB and the sentence DB of one shard, as pyarrow tables.
 
-Every image slot of every document becomes one image row, fetched and probed, with a status
-(``ok`` / ``fetch_failed`` / ``undecodable``) instead of an exception; every paragraph becomes
-sentence rows that keep their document and position.
+Every image slot of every document becomes one image row, fetched (as far as the fetch policy,
+``realsyn.fetch_policy``, allows) and probed (``realsyn.image_decode``), with a status instead of an
+exception: ``ok``, ``fetch_refused`` (the policy forbids the reference), ``opted_out`` (X-Robots-Tag
+noai and the like), ``fetch_failed`` or ``undecodable``. Every paragraph becomes sentence rows
+that keep their document and position.
 """
 
 from __future__ import annotations
@@ -10,22 +12,31 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
-import re
-import threading
-import time
-import warnings
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-import requests
-import urllib3
-from PIL import Image
 
+from realsyn.fetch_policy import (
+    STATUS_FETCH_FAILED,
+    STATUS_FETCH_REFUSED,
+    STATUS_OPTED_OUT,
+    FetchError,
+    FetchOptedOut,
+    FetchPolicy,
+    FetchRefused,
+    http_get,
+    local_ref,
+    object_ref,
+)
+from realsyn.image_decode import DEFAULT_MAX_PIXELS, UndecodableImageError, probe_image
 from realsyn.io import batched, filesystem_for
+from realsyn.net import Deadline
 from realsyn.readers import Document
+from realsyn.redact import redact
 from realsyn.stats import StepStats
 
 IMAGE_DB_SCHEMA = pa.schema(
@@ -56,36 +67,49 @@ SENTENCE_DB_SCHEMA = pa.schema(
     ]
 )
 
-STATUS_OK, STATUS_FETCH_FAILED, STATUS_UNDECODABLE = "ok", "fetch_failed", "undecodable"
+STATUS_OK, STATUS_UNDECODABLE = "ok", "undecodable"
+STATUSES = (STATUS_OK, STATUS_FETCH_REFUSED, STATUS_OPTED_OUT, STATUS_FETCH_FAILED, STATUS_UNDECODABLE)
+__all__ = [
+    "IMAGE_DB_SCHEMA",
+    "SENTENCE_DB_SCHEMA",
+    "STATUSES",
+    "FetchError",
+    "FetchOptedOut",
+    "FetchPolicy",
+    "FetchRefused",
+    "ImageFetcher",
+    "UndecodableImageError",
+    "build_image_table",
+    "build_sentence_table",
+    "probe_image",
+]
 INLINE_SOURCE = "inline"
-_CHUNK_BYTES = 64 * 1024
 _ROWS_PER_BATCH = 256
 _MAX_ERROR_CHARS = 300
-_FSSPEC_SCHEMES = ("file://", "s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "memory://")
-_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
-class FetchError(Exception):
-    """An image could not be obtained; ``reason`` is a short machine-readable code."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class UndecodableImageError(ValueError):
-    """Image bytes that Pillow cannot decode (garbage, truncated, decompression bomb); the one such
-    error of the package (``probe_image`` here, ``realsyn.export.normalize_image`` at export)."""
 
 
 class ImageFetcher:
-    """Fetch image bytes from inline bytes, ``data:`` URIs, http(s), local paths / ``file://``, ``s3://``.
+    """Fetch image bytes from inline bytes, ``data:`` URIs, http(s), local paths / ``file://``, ``s3://``,
+    as far as ``policy`` (``realsyn.fetch_policy.FetchPolicy``, default deny) allows.
 
-    Failures raise ``FetchError`` with reason ``too_large``, ``http_<code>``, ``timeout``,
-    ``unreachable``, ``not_found``, ``forbidden``, ``read_error``, ``bad_data_uri``,
-    ``invalid_url`` or ``unsupported_scheme``. Transient HTTP failures (timeout, unreachable,
-    429, 5xx) are retried ``retries`` times. Thread-safe: each thread has its own HTTP session.
+    Statuses and reasons (``FetchError.status`` / ``.reason``):
+
+    - ``fetch_refused`` (``FetchRefused``): the policy forbids the reference; nothing was sent or
+      read. ``refused_scheme``, ``refused_<address class>`` (``refused_loopback``,
+      ``refused_private``, ``refused_link_local``, ...), ``refused_path`` (a local path outside the
+      input root, whether or not it exists), ``refused_object_prefix``.
+    - ``opted_out`` (``FetchOptedOut``): reason ``opted_out``, the server's X-Robots-Tag said noai etc.
+    - ``fetch_failed`` (``FetchError``): ``too_large``, ``http_<code>``, ``timeout``, ``unreachable``,
+      ``dns_error``, ``tls_error``, ``bad_response``, ``truncated``, ``too_many_redirects``,
+      ``not_found`` (a local file or object inside the allowed places that is absent, a folder,
+      or unreadable: one reason for all), ``read_error``, ``bad_data_uri``, ``invalid_url``,
+      ``unsupported_encoding``, ``no_reference``.
+
+    One wall-clock deadline, ``total_timeout_s`` (default ``3 * timeout_s``), covers a whole fetch:
+    DNS, connect, TLS, headers, body, redirects and retries; ``timeout_s`` bounds each socket
+    operation. Transient HTTP failures (timeout, unreachable, 429, 5xx) are retried ``retries``
+    times within that deadline. ``max_pixels`` is the decode limit ``_image_row`` probes with.
+    Thread-safe and picklable.
     """
 
     def __init__(
@@ -95,23 +119,16 @@ class ImageFetcher:
         user_agent: str = "realsyn/0.1",
         retries: int = 1,
         total_timeout_s: float | None = None,
+        policy: FetchPolicy | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.timeout_s = float(timeout_s)
         self.max_bytes = int(max_bytes)
         self.user_agent = user_agent
         self.retries = max(0, int(retries))
-        # The read timeout bounds each socket read; this bounds a slow-drip body as a whole.
         self.total_timeout_s = float(total_timeout_s) if total_timeout_s is not None else 3 * self.timeout_s
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_local")
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
+        self.policy = policy if policy is not None else FetchPolicy()
+        self.max_pixels = int(max_pixels)
 
     # ------------------------------------------------------------------ dispatch
     def fetch(self, ref: Any) -> bytes:
@@ -125,17 +142,40 @@ class ImageFetcher:
             return self._fetch_http(ref)
         if lower.startswith("data:"):
             return self._capped(_decode_data_uri(ref))
-        if "://" not in ref or lower.startswith(_FSSPEC_SCHEMES):
-            return self._fetch_fsspec(ref)
-        raise FetchError("unsupported_scheme", ref[:80])
+        if local_ref(ref):
+            return self._fetch_local(self.policy.check_local_path(ref))
+        if object_ref(ref):
+            return self._fetch_object(self.policy.check_object_uri(ref))
+        raise FetchRefused("refused_scheme", ref[:80])
 
     def _capped(self, data: bytes) -> bytes:
         if len(data) > self.max_bytes:
             raise FetchError("too_large", f"{len(data)} bytes > {self.max_bytes}")
         return data
 
-    # ------------------------------------------------------------------ files (local, s3, ...)
-    def _fetch_fsspec(self, ref: str) -> bytes:
+    # ------------------------------------------------------------------ local files
+    def _fetch_local(self, path: str) -> bytes:
+        """Read a checked real path: no symlink followed at the last step, never a FIFO or device."""
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:  # absent, a folder, a link, unreadable: one answer
+            raise FetchError("not_found", path[:200]) from e
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise FetchError("not_found", f"{path[:200]} is not a file")
+        with os.fdopen(fd, "rb") as f:
+            if info.st_size > self.max_bytes:
+                raise FetchError("too_large", f"{info.st_size} bytes > {self.max_bytes}")
+            try:
+                data = f.read(self.max_bytes + 1)
+            except OSError as e:
+                raise FetchError("read_error", f"{type(e).__name__}: {e}"[:200]) from e
+        return self._capped(data)
+
+    # ------------------------------------------------------------------ object stores (s3, ...)
+    def _fetch_object(self, ref: str) -> bytes:
         try:
             fs, path = filesystem_for(ref)
             info = fs.info(path)
@@ -148,77 +188,23 @@ class ImageFetcher:
                 data = f.read(self.max_bytes + 1)
         except FetchError:
             raise
-        except FileNotFoundError as e:
+        except (FileNotFoundError, PermissionError) as e:
             raise FetchError("not_found", ref[:200]) from e
-        except PermissionError as e:
-            raise FetchError("forbidden", ref[:200]) from e
         except Exception as e:  # any storage backend error: count it, never crash the shard
-            raise FetchError("read_error", f"{type(e).__name__}: {e}"[:200]) from e
+            raise FetchError("read_error", redact(f"{type(e).__name__}: {e}")[:200]) from e
         return self._capped(data)
 
     # ------------------------------------------------------------------ http(s)
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers["User-Agent"] = self.user_agent
-            self._local.session = session
-        return session
-
     def _fetch_http(self, url: str) -> bytes:
+        deadline = Deadline(self.total_timeout_s)
         for attempt in range(self.retries + 1):
             try:
-                return self._fetch_http_once(url)
+                return http_get(url, self.policy, deadline, max_bytes=self.max_bytes, op_timeout=self.timeout_s, user_agent=self.user_agent)
             except FetchError as e:
                 transient = e.reason in ("timeout", "unreachable", "http_429") or e.reason.startswith("http_5")
-                if not transient or attempt == self.retries:
+                if not transient or attempt == self.retries or deadline.expired():
                     raise
         raise AssertionError("unreachable code")  # pragma: no cover
-
-    def _fetch_http_once(self, url: str) -> bytes:
-        started = time.monotonic()
-        try:
-            with self._session().get(url, stream=True, timeout=(self.timeout_s, self.timeout_s)) as response:
-                if not 200 <= response.status_code < 300:
-                    raise FetchError(f"http_{response.status_code}", url[:200])
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise FetchError("too_large", f"Content-Length {declared} > {self.max_bytes}")
-                body = bytearray()
-                for chunk in _body_chunks(response):
-                    body += chunk
-                    if len(body) > self.max_bytes:
-                        raise FetchError("too_large", f"body over {self.max_bytes} bytes")
-                    if time.monotonic() - started > self.total_timeout_s:
-                        raise FetchError("timeout", f"body not complete after {self.total_timeout_s:.0f}s")
-                return bytes(body)
-        except FetchError:
-            raise
-        except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError) as e:
-            raise FetchError("timeout", str(e)[:200]) from e
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as e:
-            raise FetchError("invalid_url", str(e)[:200]) from e
-        except requests.exceptions.ConnectionError as e:
-            # requests reports a read timeout during streaming as a ConnectionError.
-            if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
-                raise FetchError("timeout", str(e)[:200]) from e
-            raise FetchError("unreachable", str(e)[:200]) from e
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-            raise FetchError("unreachable", f"{type(e).__name__}: {e}"[:200]) from e
-
-
-def _body_chunks(response: requests.Response) -> Iterator[bytes]:
-    """Decoded body chunks, each from at most one socket read where urllib3 allows it (read1).
-
-    ``iter_content`` blocks until a whole chunk has arrived, so a slow-drip server could hold a
-    fetch far past the deadline that is checked between chunks.
-    """
-    read1 = getattr(response.raw, "read1", None)
-    if read1 is None:  # urllib3 < 2
-        yield from response.iter_content(_CHUNK_BYTES)
-        return
-    while chunk := read1(_CHUNK_BYTES, decode_content=True):
-        yield chunk
 
 
 def _decode_data_uri(ref: str) -> bytes:
@@ -229,32 +215,6 @@ def _decode_data_uri(ref: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise FetchError("bad_data_uri", str(e)[:200]) from e
-
-
-def probe_image(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str]:
-    """(width, height, lower-case format) of fully decoded image bytes.
-
-    Raises ``UndecodableImageError`` for garbage, truncated data, or more than ``max_pixels``
-    pixels (PIL's decompression-bomb limit by default), checked before decoding.
-    """
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if limit and width * height > limit:
-                    raise UndecodableImageError(f"decompression_bomb: {width}x{height} > {limit} pixels")
-                fmt = (img.format or "").lower()
-                img.load()  # decodes the pixels, so truncated files fail here rather than later
-    except UndecodableImageError:
-        raise
-    except Exception as e:  # PIL raises many types on bad input (OSError, SyntaxError, ValueError, ...)
-        message = _OBJECT_REPR.sub("data", f"{type(e).__name__}: {e}")  # no memory addresses: reruns agree
-        raise UndecodableImageError(message[:_MAX_ERROR_CHARS]) from e
-    if width <= 0 or height <= 0 or not fmt:
-        raise UndecodableImageError(f"no usable size/format: {width}x{height} {fmt!r}")
-    return width, height, fmt
 
 
 def _source_of(ref: Any) -> str:
@@ -284,11 +244,11 @@ def _image_row(slot: tuple[str, str, int, Any], shard: str, fetcher: ImageFetche
     try:
         data = fetcher.fetch(ref)
     except FetchError as e:
-        row.update(status=STATUS_FETCH_FAILED, error=str(e)[:_MAX_ERROR_CHARS], _fetch_reason=e.reason)
+        row.update(status=e.status, error=str(e)[:_MAX_ERROR_CHARS], _fetch_reason=e.reason)
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        width, height, fmt = probe_image(data)
+        width, height, fmt = probe_image(data, fetcher.max_pixels)
     except UndecodableImageError as e:
         row.update(status=STATUS_UNDECODABLE, error=str(e)[:_MAX_ERROR_CHARS])
         return row
@@ -307,13 +267,17 @@ def build_image_table(docs: Iterable[Document], shard: str, fetcher: ImageFetche
     """One row per image slot (IMAGE_DB_SCHEMA), in document order.
 
     Fetching runs on ``workers`` threads (network-bound); row order does not depend on it.
-    Counts ``images_in``, ``images_<status>`` and ``fetch_error_<reason>``.
+    Counts ``images_in``, ``images_<status>`` and ``fetch_error_<reason>``. Image ids hold the shard
+    key (``realsyn.readers.image_id``): unique across shards.
     """
+    from realsyn.readers import image_id
+
     names = IMAGE_DB_SCHEMA.names
     batches = []
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    slots_with_ids = ((doc_id, image_id(shard, doc_id, position), position, ref) for doc_id, _, position, ref in _image_slots(docs))
     try:
-        for slots in batched(_image_slots(docs), _ROWS_PER_BATCH):
+        for slots in batched(slots_with_ids, _ROWS_PER_BATCH):
             if pool is not None and any(not isinstance(s[3], (bytes, bytearray, memoryview)) for s in slots):
                 rows = list(pool.map(lambda s: _image_row(s, shard, fetcher), slots))
             else:
@@ -331,18 +295,33 @@ def build_image_table(docs: Iterable[Document], shard: str, fetcher: ImageFetche
 
 
 def build_sentence_table(docs: Iterable[Document], shard: str, splitter: Any, stats: StepStats) -> pa.Table:
-    """One row per sentence of every paragraph (SENTENCE_DB_SCHEMA). Counts ``paragraphs_in``, ``sentences_out``."""
+    """One row per sentence of every paragraph (SENTENCE_DB_SCHEMA). Counts ``paragraphs_in``, ``sentences_out``.
+
+    One paragraph never fails the shard: one the splitter fails on (``SentenceSplitError``: NLTK's
+    regex time limit, or any error) is counted as ``dropped_sentence_split_failed``, one that is not
+    valid Unicode (a lone surrogate) as ``dropped_invalid_text``. Sentence ids hold the shard key.
+    """
+    from realsyn.readers import sentence_id
+
     columns: dict[str, list[Any]] = {n: [] for n in SENTENCE_DB_SCHEMA.names}
     for doc in docs:
         for position, paragraph in enumerate(doc.texts):
             if paragraph is None:
                 continue
             stats.add("paragraphs_in")
-            sentences = splitter.split(paragraph)
+            try:
+                paragraph.encode("utf-8")
+                sentences = splitter.split(paragraph)
+            except UnicodeEncodeError:
+                stats.drop("invalid_text")
+                continue
+            except Exception:  # SentenceSplitError, or a custom splitter's own: this paragraph only
+                stats.drop("sentence_split_failed")
+                continue
             if not sentences:
                 stats.add("paragraphs_empty")
             for index, sentence in enumerate(sentences):
-                columns["sentence_id"].append(f"{doc.doc_id}#{position}.{index}")
+                columns["sentence_id"].append(sentence_id(shard, doc.doc_id, position, index))
                 columns["shard"].append(shard)
                 columns["doc_id"].append(doc.doc_id)
                 columns["position"].append(position)

@@ -41,6 +41,7 @@ RETRIEVALS = "retrievals"
 SYNTHETIC_CAPTIONS = "synthetic_captions"
 FILTERED_PAIRS = "filtered_pairs"
 SAMPLED_SPLITS = "sampled_splits"
+EXPORTED_SHARDS = "exported_shards"
 EXPORTED_SPLITS = "exported_splits"
 
 STAGE_OF: dict[str, str] = {
@@ -61,10 +62,11 @@ STAGE_OF: dict[str, str] = {
     SYNTHETIC_CAPTIONS: CAPTION,
     FILTERED_PAIRS: CAPTION,
     SAMPLED_SPLITS: SAMPLE,
+    EXPORTED_SHARDS: EXPORT,
     EXPORTED_SPLITS: EXPORT,
 }
 
-# The graph runs as four jobs in data-flow order: per shard, global, per shard, global.
+# The graph runs as six jobs in data-flow order: per shard, global, per shard, global, per shard, global.
 PREPARE_SHARDS = (
     IMAGE_DB,
     SENTENCE_DB,
@@ -75,9 +77,11 @@ PREPARE_SHARDS = (
     IMAGE_EMBEDDINGS,
     SENTENCE_EMBEDDINGS,
 )
-DEDUP_AND_CLUSTER = (IMAGE_DEDUP, SENTENCE_DEDUP, SENTENCE_CLUSTERS)
-CAPTION_SHARDS = (RETRIEVALS, SYNTHETIC_CAPTIONS, FILTERED_PAIRS)
-SAMPLE_AND_EXPORT = (IMAGE_CLUSTERS, SAMPLED_SPLITS, EXPORTED_SPLITS)
+DEDUP_AND_CLUSTER = (IMAGE_DEDUP, SENTENCE_DEDUP, SENTENCE_CLUSTERS, RETRIEVALS)
+CAPTION_SHARDS = (SYNTHETIC_CAPTIONS, FILTERED_PAIRS)
+SAMPLE_SPLITS = (IMAGE_CLUSTERS, SAMPLED_SPLITS)
+EXPORT_SHARDS = (EXPORTED_SHARDS,)  # per shard: every split's tars and Parquet in one pass
+PUBLISH_EXPORT = (EXPORTED_SPLITS,)  # global: one folder per split (copied tars + sizes.json)
 
 # File names inside an asset's generation folder.
 IMAGES_FILE = "images.parquet"  # image_db, filtered_images
@@ -92,12 +96,13 @@ CENTROIDS_FILE = "centroids.npy"
 CLUSTER_COUNTS_FILE = "counts.npy"
 ASSIGNMENTS_DIR = "assignments"  # assignments/{shard}.parquet
 CLUSTER_LAYOUT_FILE = "clusters.parquet"  # sentence bank: cluster -> (part, start, end)
-RETRIEVALS_FILE = "retrievals.parquet"
+RETRIEVALS_DIR = "shards"  # retrievals (global): shards/{shard}.parquet
 CAPTIONS_FILE = "captions.parquet"
 SIMILARITY_FILE = "similarity.parquet"  # filtered_pairs: image_id, similarity (scores apart from the band)
 BAND_FILE = "band.json"
 SIZES_FILE = "sizes.json"  # exported split: tar name -> samples (open_clip reads it)
-CAPTION_CACHE_DIR = "_cache/synthetic_captions"  # {shard}.parquet, outside any generation: survives reruns
+TRAIN_DATA_FILE = "train_data.txt"  # exported_splits: the split's tar URIs joined by "::" (open_clip --train-data)
+CAPTION_CACHE_DIR = "_cache/synthetic_captions"  # {shard}/part-{n:06d}.parquet, append-only, outside any generation: survives reruns
 
 # One keep/drop record for every step that drops anything (see realsyn.decisions).
 DECISION_SCHEMA = pa.schema([("id", pa.string()), ("kept", pa.bool_()), ("reason", pa.string()), ("detail", pa.string())])
@@ -116,6 +121,16 @@ def assignments_file(shard: str) -> str:
     return f"{ASSIGNMENTS_DIR}/{shard}.parquet"
 
 
+def bank_part_file(part: int, ext: str) -> str:
+    """sentence_clusters: one part of the cluster-ordered sentence bank, ``npy`` (embeddings) or ``parquet`` (sentence_id, text, cluster)."""
+    return f"bank/part-{part:05d}.{ext}"
+
+
+def retrievals_file(shard: str) -> str:
+    """retrievals (one global pass): the top-k real texts of the kept images of ``shard`` (RETRIEVAL_SCHEMA)."""
+    return f"{RETRIEVALS_DIR}/{shard}.parquet"
+
+
 def decisions_file(shard: str) -> str:
     """A global step's decisions of one shard."""
     return f"{DECISIONS_DIR}/{shard}.parquet"
@@ -128,3 +143,23 @@ def split_selection_file(split: str, shard: str) -> str:
 
 def split_decisions_file(split: str, shard: str) -> str:
     return f"{split}/{DECISIONS_DIR}/{shard}.parquet"
+
+
+def export_tar_name(split: str, shard: str, index: int) -> str:
+    """A tar of ``split`` written from ``shard`` (the same name in exported_shards and exported_splits)."""
+    return f"{split}-{shard}-{index:06d}.tar"
+
+
+def export_sizes_file(split: str) -> str:
+    """exported_shards and exported_splits: {tar name: samples} of ``split`` (open_clip reads it beside the tars)."""
+    return f"{split}/{SIZES_FILE}"
+
+
+def export_shard_parquet_file(split: str) -> str:
+    """exported_shards: the samples of ``split`` from this shard as one Parquet table."""
+    return f"{split}/parquet.parquet"
+
+
+def export_parquet_file(split: str, shard: str) -> str:
+    """exported_splits: the copy of ``shard``'s Parquet table of ``split``."""
+    return f"{split}/parquet/{shard}.parquet"

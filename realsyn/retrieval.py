@@ -1,33 +1,58 @@
-"""Image -> real sentence retrieval: hierarchical (centroids, then inside clusters) and exact.
+"""Image -> real sentence retrieval: one cluster-ordered global pass, and exact search as the reference.
 
-Scores are inner products accumulated in float64 and rounded to float32, so a score does not
-depend on how a matrix product was blocked (cluster size, group size, gemm vs gemv): the two
-searches agree bit for bit where they see the same candidates. Ranking is by score descending,
-then row id ascending. Missing candidates are padded with id -1 and score -inf.
+The pass (``cluster_ordered_search``):
+
+1. every image is assigned once to its ``n_probe`` nearest sentence clusters (``CentroidIndex``);
+2. the (image, cluster) pairs are sorted into bank order (part, then row offset of the cluster);
+3. the cluster-ordered sentence bank is streamed once, part by part; each cluster costs one float32
+   product, its contiguous bank rows times the (gathered, contiguous) images that probe it;
+4. each pair keeps its cluster's top k; after each part the pairs are merged into a running top k
+   per image.
+
+Clusters are spread over a thread pool in contiguous ranges with one BLAS thread per worker (numpy
+releases the GIL inside sgemm). The work done for a cluster does not depend on the number of
+threads, so neither does any score. Ranking is by score descending, then bank row ascending;
+missing candidates are padded with id -1 and score -inf. Images with a non-finite value get padding
+only; NaN scores (a non-finite bank row) count as -inf.
+
+Memory: the running top k (N x k), the probes (N x n_probe), one bank part and the gathered
+embeddings of the pairs of the current part. Images are held whole (N x D) by default; with
+``max_image_bytes`` they are re-read from ``images`` once per round of bank parts instead, a round
+being as many consecutive parts as have pairs fitting in that budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from realsyn.clustering import assign
-
-# Bytes of one float64 score block; queries are processed in chunks that fit it.
+# Bytes of one float64 score block of exact_search; queries are processed in chunks that fit it.
 SCORE_BLOCK_BYTES = 64 * 1024 * 1024
+# Images assigned to their clusters per CentroidIndex call.
+ASSIGN_BATCH = 65536
+# Work units per thread in one bank part: contiguous cluster ranges, handed out as threads free up.
+RANGES_PER_THREAD = 8
+# Scores per chunk of the per-cluster products (float32, 1 MiB): small enough to stay in a core's L2.
+CHUNK_SCORES = 262144
+# A chunk's block is padded up to its widest cluster: a cluster joins the chunk while the padding stays
+# under this share of the block, or under CHUNK_OVERHEAD_SCORES (what one more chunk costs in calls).
+PADDING_SLACK = 0.2
+CHUNK_OVERHEAD_SCORES = 16 * 1024
+# Fixed cost of one cluster in flop-equivalents when ranges are balanced (Python and call overhead).
+CLUSTER_OVERHEAD_FLOPS = 200_000
+# A float32 read from memory costs about as much as this many flops of sgemm (12 GB/s vs 100 GFLOP/s).
+BYTES_PER_FLOP_EQ = 8
+# Least work of one range (flops, about 1 ms of sgemm): below, waking a thread costs more than it saves.
+MIN_RANGE_FLOPS = 100_000_000
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -1, dtype=np.int64), np.full((n, k), -np.inf, dtype=np.float32)
-
-
-def _scores(queries: np.ndarray, keys64_t: np.ndarray, keys_finite: bool) -> np.ndarray:
-    """float32 (Q, M) inner products of queries with float64 (D, M) keys; NaN becomes -inf."""
-    s = (queries.astype(np.float64) @ keys64_t).astype(np.float32)
-    if not keys_finite or not np.isfinite(queries).all():
-        s[np.isnan(s)] = -np.inf
-    return s
 
 
 def _rank(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,38 +70,30 @@ def _rank(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return out_ids, out_scores
 
 
+# ---------------------------------------------------------------------------------------- exact
+def _scores64(queries: np.ndarray, keys64_t: np.ndarray, keys_finite: bool) -> np.ndarray:
+    """float32 (Q, M) inner products of queries with float64 (D, M) keys; NaN becomes -inf."""
+    s = (queries.astype(np.float64) @ keys64_t).astype(np.float32)
+    if not keys_finite or not np.isfinite(queries).all():
+        s[np.isnan(s)] = -np.inf
+    return s
+
+
 def _top_k_block(scores: np.ndarray, key_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top k of one (Q, M) score block with ids ``key_ids`` (M,), ties by id."""
     q, m = scores.shape
     if m <= k:
         return _rank(np.broadcast_to(key_ids, (q, m)), scores, k)
-    # argpartition finds the k-th best score; rows with ties at that score may hold more than
-    # k candidates, and argpartition would pick among them arbitrarily: those rows are ranked
-    # over all their tied candidates instead.
     part = np.argpartition(scores, m - k, axis=1)[:, m - k :]
     part_scores = np.take_along_axis(scores, part, axis=1)
     kth = part_scores.min(axis=1)
     n_at_least = np.count_nonzero(scores >= kth[:, None], axis=1)
     out_ids, out_scores = _rank(key_ids[part], part_scores, k)
+    # rows with ties at the k-th score hold more than k candidates: ranked over all of them
     for r in np.nonzero(n_at_least > k)[0]:
         cand = np.nonzero(scores[r] >= kth[r])[0]
         ri, rs = _rank(key_ids[cand][None, :], scores[r, cand][None, :], k)
         out_ids[r], out_scores[r] = ri[0], rs[0]
-    return out_ids, out_scores
-
-
-def _top_k(queries: np.ndarray, keys: np.ndarray, key_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top k keys per query, the score matrix computed in query chunks of bounded memory."""
-    out_ids, out_scores = _empty(len(queries), k)
-    if len(keys) == 0 or len(queries) == 0:
-        return out_ids, out_scores
-    keys64_t = np.ascontiguousarray(keys.T, dtype=np.float64)
-    keys_finite = bool(np.isfinite(keys).all())
-    chunk = max(1, SCORE_BLOCK_BYTES // (8 * len(keys)))
-    for start in range(0, len(queries), chunk):
-        block = _scores(queries[start : start + chunk], keys64_t, keys_finite)
-        ids, scores = _top_k_block(block, key_ids, k)
-        out_ids[start : start + chunk], out_scores[start : start + chunk] = ids, scores
     return out_ids, out_scores
 
 
@@ -88,66 +105,447 @@ def _check(emb: np.ndarray, dim: int | None, what: str) -> np.ndarray:
 
 
 def exact_search(image_emb: np.ndarray, sentence_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force: every image against every sentence; row ids are sentence row numbers."""
+    """Brute force in float64, the reference: every image against every sentence; ids are sentence rows."""
     image_emb = _check(image_emb, None, "image_emb")
     sentence_emb = _check(sentence_emb, image_emb.shape[1], "sentence_emb")
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
-    return _top_k(image_emb, sentence_emb, np.arange(len(sentence_emb), dtype=np.int64), k)
+    out_ids, out_scores = _empty(len(image_emb), k)
+    if len(sentence_emb) == 0 or len(image_emb) == 0:
+        return out_ids, out_scores
+    keys64_t = np.ascontiguousarray(sentence_emb.T, dtype=np.float64)
+    keys_finite = bool(np.isfinite(sentence_emb).all())
+    key_ids = np.arange(len(sentence_emb), dtype=np.int64)
+    chunk = max(1, SCORE_BLOCK_BYTES // (8 * len(sentence_emb)))
+    for start in range(0, len(image_emb), chunk):
+        block = _scores64(image_emb[start : start + chunk], keys64_t, keys_finite)
+        out_ids[start : start + chunk], out_scores[start : start + chunk] = _top_k_block(block, key_ids, k)
+    return out_ids, out_scores
 
 
-def hierarchical_search(
-    image_emb: np.ndarray,
-    centroids: np.ndarray,
-    load_cluster: Callable[[int], tuple[np.ndarray, np.ndarray]],
+# ------------------------------------------------------------------------------ the global pass
+@dataclass
+class BankLayout:
+    """Where each cluster's rows lie in a cluster-ordered bank cut into parts.
+
+    Cluster ``c`` is rows ``start[c]:end[c]`` of part ``part[c]``; its global row ids are
+    ``part_base[part[c]] + start[c] ... + end[c] - 1``.
+    """
+
+    part: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    part_base: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.part = np.asarray(self.part, dtype=np.int64)
+        self.start = np.asarray(self.start, dtype=np.int64)
+        self.end = np.asarray(self.end, dtype=np.int64)
+        if not (self.part.shape == self.start.shape == self.end.shape) or self.part.ndim != 1:
+            raise ValueError("part, start and end must be 1-D arrays of one length (one entry per cluster)")
+        if len(self.part) and (self.part.min() < 0 or (self.start > self.end).any() or self.start.min() < 0):
+            raise ValueError("bank layout: negative part or start, or start after end")
+        n_parts = int(self.part.max()) + 1 if len(self.part) else 0
+        sizes = np.zeros(n_parts, np.int64)
+        np.maximum.at(sizes, self.part, self.end)
+        self.part_base = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @classmethod
+    def from_offsets(cls, offsets: np.ndarray) -> BankLayout:
+        """One part holding every cluster; cluster c is rows offsets[c]:offsets[c+1]."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        return cls(np.zeros(len(offsets) - 1, np.int64), offsets[:-1], offsets[1:])
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.part)
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.part_base) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.part_base[-1])
+
+
+@dataclass
+class SearchResult:
+    row_ids: np.ndarray  # (N, k) int64 global bank rows, -1 = padding
+    scores: np.ndarray  # (N, k) float32, -inf = padding
+    stats: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # assign, gather, load, search, merge
+
+
+def resolve_threads(threads: int) -> int:
+    """``threads`` itself, or for 0 the cores this process may run on."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    if threads:
+        return int(threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+ImageBatches = Callable[[], Iterable[np.ndarray]]
+
+
+def _as_batches(images: np.ndarray | ImageBatches) -> tuple[ImageBatches, np.ndarray | None]:
+    """(re-iterable batches, the whole array when images were given as one)."""
+    if callable(images):
+        return images, None
+    arr = _check(images, None, "images")
+
+    def batches() -> Iterator[np.ndarray]:
+        for s in range(0, len(arr), ASSIGN_BATCH):
+            yield arr[s : s + ASSIGN_BATCH]
+
+    return batches, arr
+
+
+def _top_k_exact_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of an (m, W) block: columns and scores of the k best by (score desc, column asc),
+    unordered, by argpartition; rows with ties at the k-th score are ranked over all tied columns."""
+    m, w = scores.shape
+    if w <= k:
+        return np.broadcast_to(np.arange(w), (m, w)).copy(), scores.copy()
+    # the k+1 best: position 0 holds the (k+1)-th, the k after it are all >= it
+    idx = np.argpartition(scores, w - k - 1, axis=1)[:, w - k - 1 :]
+    vals = np.take_along_axis(scores, idx, axis=1)
+    cols, top = idx[:, 1:].copy(), vals[:, 1:].copy()
+    for i in np.nonzero(top.min(axis=1) == vals[:, 0])[0].tolist():
+        cand = np.nonzero(scores[i] >= top[i].min())[0]  # ascending columns
+        best = cand[np.argsort(-scores[i, cand], kind="stable")[:k]]
+        cols[i], top[i] = best, scores[i, best]
+    return cols, top
+
+
+def _top_k_columns(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of a C-contiguous (W, m) float32 score block (rows: bank rows, columns: pairs): the
+    rows and scores of the k best by (score desc, row asc), best first when W > k; (m, min(k, W)).
+    NaN scores become -inf (in place).
+
+    The rows are cut into k groups (row i in group i % k); the smallest of the k group maxima is a
+    lower bound of the k-th best score (the k maxima are k distinct scores at least that high), so
+    the scores at or above it hold the top k, ties included, and are few (about 5.5 for k = 3 on
+    random scores). Every pass is a vectorised sweep over contiguous rows: no per-column sort.
+    """
+    width, m = block.shape
+    if width <= k:
+        block[np.isnan(block)] = -np.inf
+        return np.broadcast_to(np.arange(width), (m, width)).copy(), np.ascontiguousarray(block.T)
+    groups = width // k
+    bound = block[: groups * k].reshape(groups, k, m).max(axis=0).min(axis=0)
+    if np.isnan(bound).any():  # max propagates NaN: some column holds one (a non-finite bank row)
+        block[np.isnan(block)] = -np.inf
+        bound = block[: groups * k].reshape(groups, k, m).max(axis=0).min(axis=0)
+    flat = np.flatnonzero(block >= bound)
+    rows, cols = np.divmod(flat, m)
+    vals = block.ravel()[flat] + np.float32(0)  # -0.0 becomes 0.0: equal scores get equal keys
+    # sort by (column asc, score desc); among equal scores rows ascend (flat order) with a stable sort,
+    # needed only when a column has equal candidate scores
+    bits = vals.view(np.int32).astype(np.int64)
+    desc = 0x7FFFFFFF - (bits ^ ((bits >> 31) & 0x7FFFFFFF))  # float order, reversed, in [0, 2**32)
+    key = (cols << 32) | desc
+    order = np.argsort(key)
+    sorted_key = key[order]
+    if (sorted_key[1:] == sorted_key[:-1]).any():
+        order = np.argsort(key, kind="stable")
+    firsts = np.zeros(m, np.int64)
+    np.cumsum(np.bincount(cols, minlength=m)[:-1], out=firsts[1:])
+    take = order[(firsts[:, None] + np.arange(k)).ravel()]
+    return rows[take].reshape(m, k), vals[take].reshape(m, k)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A float32 buffer of n values, reused by the calling thread (no allocation per chunk)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = np.empty(max(n, CHUNK_SCORES), np.float32)
+    return buf[:n]
+
+
+class _PartSearch:
+    """The clusters of one bank part against the gathered images (one row per pair) that probe them.
+
+    Work goes in chunks of consecutive pairs whose score block stays small (cache-resident): each
+    cluster's product is written by sgemm straight into its rows of the chunk's block (padded with
+    -inf up to the widest cluster of the chunk), then one top-k selection runs over the whole block.
+    A cluster whose block alone would exceed the chunk is cut by pairs.
+    """
+
+    def __init__(self, bank: np.ndarray, x: np.ndarray, k: int, row_base: int):
+        self.bank, self.x, self.k, self.row_base = bank, x, k, row_base
+        self.cand_ids, self.cand_scores = _empty(len(x), k)
+
+    def _chunks(self, pair_lo, pair_hi, row_lo, row_hi) -> Iterator[list[tuple[int, int, int, int]]]:
+        chunk: list[tuple[int, int, int, int]] = []
+        pairs = width = useful = 0
+        for p0, p1, s, e in zip(pair_lo.tolist(), pair_hi.tolist(), row_lo.tolist(), row_hi.tolist()):
+            r = e - s  # an empty cluster stays in its chunk: its pairs' columns are all padding
+            if chunk:
+                area = (pairs + p1 - p0) * max(width, r)
+                padding = area - useful - (p1 - p0) * r
+                if area > CHUNK_SCORES or padding > max(PADDING_SLACK * area, CHUNK_OVERHEAD_SCORES):
+                    yield chunk
+                    chunk, pairs, width, useful = [], 0, 0, 0
+            step = max(1, CHUNK_SCORES // max(r, 1))
+            while p1 - p0 > step:  # a cluster too large for one chunk goes alone, in pieces
+                yield [(p0, p0 + step, s, e)]
+                p0 += step
+            chunk.append((p0, p1, s, e))
+            pairs, width, useful = pairs + p1 - p0, max(width, r), useful + (p1 - p0) * r
+        if chunk:
+            yield chunk
+
+    def run(self, pair_lo: np.ndarray, pair_hi: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray) -> int:
+        """Clusters given by their pair and row ranges (within the part); returns useful flops."""
+        bank, x, k = self.bank, self.x, self.k
+        flops = 0
+        for chunk in self._chunks(pair_lo, pair_hi, row_lo, row_hi):
+            q0, q1 = chunk[0][0], chunk[-1][1]
+            width = max(e - s for _, _, s, e in chunk)
+            if width == 0:
+                continue
+            block = _scratch(width * (q1 - q0)).reshape(width, q1 - q0)  # bank rows x pairs
+            starts = np.empty(q1 - q0, np.int64)
+            for p0, p1, s, e in chunk:
+                out = block[:, p0 - q0 : p1 - q0]
+                if e > s and p1 - p0 == 1:  # np.dot releases the GIL in sgemv; matmul of one column does not
+                    out[: e - s, 0] = np.dot(bank[s:e], x[p0])
+                elif e > s:
+                    np.matmul(bank[s:e], x[p0:p1].T, out=out[: e - s])
+                if e - s < width:
+                    out[e - s :] = -np.inf
+                starts[p0 - q0 : p1 - q0] = s
+                flops += 2 * (p1 - p0) * (e - s) * x.shape[1]
+            rows, vals = _top_k_columns(block, k)
+            ids = rows + (starts + self.row_base)[:, None]
+            ids[np.isneginf(vals)] = -1  # padding (and NaN bank rows)
+            kk = rows.shape[1]
+            if width <= k:  # every row of a narrow block is a candidate, unranked
+                ids, vals = _rank(ids, vals, kk)
+            self.cand_scores[q0:q1, :kk] = vals
+            self.cand_ids[q0:q1, :kk] = ids
+        return flops
+
+
+def _merge_sorted(a_ids, a_scores, b_ids, b_scores, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise merge of two lists each ranked best first (score desc, id asc; padding -inf / -1)
+    into the k best, by k vectorised steps; no bank row appears in both lists."""
+    n = len(a_ids)
+    rows = np.arange(n)
+    pad_ids, pad_scores = _empty(n, 1)
+    a_ids, a_scores = np.hstack([a_ids, pad_ids]), np.hstack([a_scores, pad_scores])
+    b_ids, b_scores = np.hstack([b_ids, pad_ids]), np.hstack([b_scores, pad_scores])
+    ia, ib = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    out_ids, out_scores = _empty(n, k)
+    for j in range(k):
+        sa, sb, da, db = a_scores[rows, ia], b_scores[rows, ib], a_ids[rows, ia], b_ids[rows, ib]
+        take_a = (sa > sb) | ((sa == sb) & (da <= db))
+        out_scores[:, j] = np.where(take_a, sa, sb)
+        out_ids[:, j] = np.where(take_a, da, db)
+        ia += take_a
+        ib += ~take_a
+    out_ids[np.isneginf(out_scores)] = -1
+    return out_ids, out_scores
+
+
+def _merge_into(run_ids: np.ndarray, run_scores: np.ndarray, images: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int) -> None:
+    """Merge ranked candidate rows (one per pair; ``images`` may repeat) into the running top k."""
+    if len(images) == 0:
+        return
+    order = np.argsort(images, kind="stable")
+    images = images[order]
+    first = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    occurrence = np.arange(len(images)) - np.repeat(first, np.diff(np.r_[first, len(images)]))
+    for level in range(int(occurrence.max()) + 1):
+        sel = order[occurrence == level] if level else order[first]
+        img = images[occurrence == level] if level else images[first]
+        run_ids[img], run_scores[img] = _merge_sorted(run_ids[img], run_scores[img], ids[sel], scores[sel], k)
+
+
+def _ranges(weights: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Cut a sequence into at most ``n`` contiguous ranges of about equal weight."""
+    if len(weights) == 0:
+        return []
+    cum = np.cumsum(weights, dtype=np.float64)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [len(weights)]]))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _gather_streamed(batches: ImageBatches, images: np.ndarray, n_images: int, dim: int) -> np.ndarray:
+    """The embeddings of ``images`` (global rows, any order, repeats allowed), read by streaming the batches."""
+    out = np.empty((len(images), dim), np.float32)
+    order = np.argsort(images, kind="stable")
+    sorted_rows = images[order]
+    start = 0
+    for batch in batches():
+        batch = _check(batch, dim, "image batch")
+        lo, hi = np.searchsorted(sorted_rows, [start, start + len(batch)])
+        if hi > lo:
+            out[order[lo:hi]] = batch[sorted_rows[lo:hi] - start]
+        start += len(batch)
+    if start != n_images:
+        raise ValueError(f"image batches changed between passes: {start} rows, first pass saw {n_images}")
+    return out
+
+
+def _search_part(bank, x, pair_cluster, layout: BankLayout, part: int, k: int, threads: int, executor):
+    """Candidates (ids, scores (pairs, k)) of the pairs of one part, and the useful flops."""
+    clusters, first = np.unique(pair_cluster, return_index=True)  # pairs are sorted by bank order
+    # np.unique sorts by cluster id: restore bank order (pairs are contiguous per cluster)
+    o = np.argsort(first, kind="stable")
+    clusters, pair_lo = clusters[o], first[o]
+    pair_hi = np.r_[pair_lo[1:], len(pair_cluster)]
+    row_lo, row_hi = layout.start[clusters], layout.end[clusters]
+    if len(bank) < (row_hi.max() if len(row_hi) else 0):
+        raise ValueError(f"bank part {part} has {len(bank)} rows; the layout needs {int(row_hi.max())}")
+    search = _PartSearch(bank, x, k, int(layout.part_base[part]))
+    # cost in flop-equivalents: the product, or reading the bank rows when few images share them
+    weights = (row_hi - row_lo) * x.shape[1] * np.maximum(2 * (pair_hi - pair_lo), BYTES_PER_FLOP_EQ * 4) + CLUSTER_OVERHEAD_FLOPS
+    n_ranges = min(threads * RANGES_PER_THREAD, int(weights.sum() // MIN_RANGE_FLOPS))
+    if executor is None or n_ranges < 2:  # too little work to pay for handing it to threads
+        flops = search.run(pair_lo, pair_hi, row_lo, row_hi)
+    else:
+        jobs = [executor.submit(search.run, pair_lo[a:b], pair_hi[a:b], row_lo[a:b], row_hi[a:b]) for a, b in _ranges(weights, n_ranges)]
+        flops = sum(j.result() for j in jobs)
+    return search.cand_ids, search.cand_scores, flops
+
+
+def cluster_ordered_search(
+    images: np.ndarray | ImageBatches,
+    centroids,
+    layout: BankLayout,
+    load_part: Callable[[int], np.ndarray],
+    *,
     n_probe: int = 1,
     k: int = 3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top k sentences per image, searching only the image's ``n_probe`` nearest clusters.
+    threads: int = 0,
+    max_image_bytes: int | None = None,
+) -> SearchResult:
+    """Top k bank rows per image, searching only each image's ``n_probe`` nearest clusters, in one
+    pass over the bank in cluster order.
 
-    ``load_cluster(c)`` returns (row_ids int64 (M,), sentence embeddings (M, D)) of cluster c; it is
-    called once per touched cluster. Images are grouped by probed cluster so each cluster costs one
-    matrix product against the images that probe it. Returns (row_ids (N, k) int64, scores (N, k) float32).
-    Images with non-finite embeddings get padding only.
+    ``images``: an (N, D) array, or a callable returning an iterable of float32 (n_i, D) batches
+    whose concatenation is the N images (called once to assign, and once per round of bank parts
+    when ``max_image_bytes`` is set). ``centroids``: (K, D) array or a ``CentroidIndex``.
+    ``load_part(p)`` returns bank part ``p`` as (rows, D) float32; each touched part is loaded once.
+    ``threads``: 0 = every core. With every cluster probed the result is exact search's.
     """
-    image_emb = _check(image_emb, None, "image_emb")
-    centroids = _check(centroids, image_emb.shape[1], "centroids")
+    from threadpoolctl import threadpool_limits
+
+    from realsyn.clustering import CentroidIndex
+
     if k <= 0 or n_probe <= 0:
         raise ValueError(f"k and n_probe must be positive, got k={k}, n_probe={n_probe}")
-    n = len(image_emb)
-    valid = np.nonzero(np.isfinite(image_emb).all(axis=1))[0]
-    if len(valid) == 0 or len(centroids) == 0:
-        return _empty(n, k)
+    threads = resolve_threads(threads)
+    index = centroids if isinstance(centroids, CentroidIndex) else CentroidIndex(_check(centroids, None, "centroids"))
+    if index.k != layout.n_clusters:
+        raise ValueError(f"{index.k} centroids but the bank layout has {layout.n_clusters} clusters")
+    batches, resident = _as_batches(images)
+    dim = index.dim
 
-    # Inter-cluster retrieval: the probed clusters of each (valid) image.
-    probe_ids, _ = assign(image_emb[valid], centroids, n_probe)
-    p = probe_ids.shape[1]
-    # Candidate table: probe slot j of image i owns columns [j*k, (j+1)*k).
-    cand_ids = np.full((len(valid), p * k), -1, dtype=np.int64)
-    cand_scores = np.full((len(valid), p * k), -np.inf, dtype=np.float32)
+    # 1. assignment: every image once to its probed clusters
+    t_start = time.perf_counter()
+    probe_chunks: list[np.ndarray] = []
+    finite_chunks: list[np.ndarray] = []
+    # batches given without a memory budget are kept (one N x D array); with one, re-read per round
+    kept: list[np.ndarray] | None = [] if resident is None and max_image_bytes is None else None
+    with threadpool_limits(limits=threads):
+        for batch in batches():
+            batch = _check(batch, dim, "image batch")
+            finite = np.isfinite(batch).all(axis=1)
+            probes = np.full((len(batch), min(n_probe, index.k)), -1, dtype=np.int64)
+            if finite.any():
+                probes[finite] = index.search(batch[finite], n_probe)[0]
+            probe_chunks.append(probes)
+            finite_chunks.append(finite)
+            if kept is not None:
+                kept.append(batch)
+    n_images = sum(len(p) for p in probe_chunks)
+    p = min(n_probe, index.k)
+    probes = np.concatenate(probe_chunks) if probe_chunks else np.zeros((0, p), np.int64)
+    if kept is not None:
+        resident = np.concatenate(kept) if kept else np.zeros((0, dim), np.float32)
+        del kept
 
-    # Intra-cluster retrieval: group (image, slot) pairs by cluster, one product per cluster.
-    flat_cluster = probe_ids.ravel()
-    pair_order = np.argsort(flat_cluster, kind="stable")
-    clusters, starts = np.unique(flat_cluster[pair_order], return_index=True)
-    ends = np.append(starts[1:], len(pair_order))
-    for cluster, start, end in zip(clusters.tolist(), starts.tolist(), ends.tolist()):
-        if cluster < 0:
-            continue
-        row_ids, emb = load_cluster(int(cluster))
-        row_ids = np.asarray(row_ids, dtype=np.int64)
-        emb = _check(emb, image_emb.shape[1], f"embeddings of cluster {cluster}")
-        if len(row_ids) != len(emb):
-            raise ValueError(f"cluster {cluster}: {len(row_ids)} row ids for {len(emb)} embeddings")
-        if len(row_ids) == 0:
-            continue
-        pairs = pair_order[start:end]
-        images, slots = np.divmod(pairs, p)
-        ids, scores = _top_k(image_emb[valid[images]], emb, row_ids, k)
-        cols = slots[:, None] * k + np.arange(k)
-        cand_ids[images[:, None], cols] = ids
-        cand_scores[images[:, None], cols] = scores
+    t_assigned = time.perf_counter()
+    # 2. the (image, cluster) pairs in bank order: part, then row offset, then image
+    pair_cluster = probes.ravel()
+    pair_image = np.repeat(np.arange(n_images, dtype=np.int64), p)
+    valid = pair_cluster >= 0
+    pair_cluster, pair_image = pair_cluster[valid], pair_image[valid]
+    bank_rank = np.empty(layout.n_clusters, np.int64)
+    bank_rank[np.lexsort((np.arange(layout.n_clusters), layout.start, layout.part))] = np.arange(layout.n_clusters)
+    order = np.argsort(bank_rank[pair_cluster], kind="stable")
+    pair_cluster, pair_image = pair_cluster[order], pair_image[order]
+    del probes, order, valid
+    pair_part = layout.part[pair_cluster]
+    part_bounds = np.searchsorted(pair_part, np.arange(layout.n_parts + 1))
 
-    out_ids, out_scores = _empty(n, k)
-    out_ids[valid], out_scores[valid] = _rank(cand_ids, cand_scores, k)
-    return out_ids, out_scores
+    run_ids, run_scores = _empty(n_images, k)
+    stats = {"images": n_images, "images_probing": int(np.concatenate(finite_chunks).sum()) if finite_chunks else 0}
+    stats.update(pairs=len(pair_cluster), bank_rows=layout.n_rows, parts_loaded=0, rounds=0, flops=0, distances=0)
+    seconds = {"assign": t_assigned - t_start, "gather": 0.0, "load": 0.0, "search": 0.0, "merge": 0.0}
+
+    # 3. rounds of consecutive parts whose gathered pairs fit the image budget
+    pair_bytes = 4 * dim
+    rounds: list[tuple[int, int]] = []
+    lo = 0
+    while lo < layout.n_parts:
+        hi = lo + 1
+        if resident is None:
+            while hi < layout.n_parts and (part_bounds[hi + 1] - part_bounds[lo]) * pair_bytes <= max_image_bytes:
+                hi += 1
+        rounds.append((lo, hi))
+        lo = hi
+
+    executor = None
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retrieval")
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            for r_lo, r_hi in rounds:
+                a, b = int(part_bounds[r_lo]), int(part_bounds[r_hi])
+                if a == b:
+                    continue
+                stats["rounds"] += 1
+                t0 = time.perf_counter()
+                x_round = None if resident is not None else _gather_streamed(batches, pair_image[a:b], n_images, dim)
+                seconds["gather"] += time.perf_counter() - t0
+                for part in range(r_lo, r_hi):
+                    pa_, pb_ = int(part_bounds[part]), int(part_bounds[part + 1])
+                    if pa_ == pb_:
+                        continue
+                    t0 = time.perf_counter()
+                    x = resident[pair_image[pa_:pb_]] if resident is not None else x_round[pa_ - a : pb_ - a]
+                    t1 = time.perf_counter()
+                    bank = np.ascontiguousarray(load_part(part), dtype=np.float32)
+                    t2 = time.perf_counter()
+                    if bank.ndim != 2 or bank.shape[1] != dim:
+                        raise ValueError(f"bank part {part} has shape {bank.shape}, expected (rows, {dim})")
+                    stats["parts_loaded"] += 1
+                    cand_ids, cand_scores, flops = _search_part(bank, x, pair_cluster[pa_:pb_], layout, part, k, threads, executor)
+                    stats["flops"] += flops
+                    t3 = time.perf_counter()
+                    _merge_into(run_ids, run_scores, pair_image[pa_:pb_], cand_ids, cand_scores, k)
+                    seconds["gather"] += t1 - t0
+                    seconds["load"] += t2 - t1
+                    seconds["search"] += t3 - t2
+                    seconds["merge"] += time.perf_counter() - t3
+                    del bank, x, cand_ids, cand_scores
+                del x_round
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    stats["distances"] = stats["flops"] // (2 * dim) if dim else 0
+    return SearchResult(run_ids, run_scores, stats, seconds)

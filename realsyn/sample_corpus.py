@@ -35,7 +35,7 @@ N_EXACT_DUPLICATES = 3
 N_NEAR_DUPLICATES = 3
 TINY_MAX_SIDE = (96, 90)  # two thumbnails, short side well under 100 px
 BANNER_SIZES = ((600, 150), (120, 480))  # aspect 4.0 and 1/4.0, short sides >= 100 px
-UNREACHABLE_URL = "http://127.0.0.1:9/missing.jpg"  # discard port: refused at once, never leaves the host
+UNREACHABLE_URL = "http://127.0.0.1:9/missing.jpg"  # loopback: refused by the fetch policy before any connection
 CORPUS_SUMMARY_FILE = "_sample_corpus.json"
 PARQUET_SCHEMA = pa.schema(
     [
@@ -279,7 +279,7 @@ def build_sample_corpus(out_dir: str, n_shards: int = 4, seed: int = 0) -> dict[
     )
     plan.tally("extreme_aspect_images", len(banners))
 
-    # A truncated upload (undecodable) and a dead link (fetch fails at once).
+    # A truncated upload (undecodable) and a link to a loopback address (refused by the fetch policy).
     broken = photo_bytes[rng.choice(order)][:700]
     plan.add_document(
         rng.choice(parquet_shards), "sample-broken-upload", [("text", filler()), ("image", broken)], "Broken upload", "truncated file"
@@ -319,7 +319,7 @@ def build_sample_corpus(out_dir: str, n_shards: int = 4, seed: int = 0) -> dict[
         "expected_image_status": {
             "ok": plan.counts["image_slots"] - plan.counts["undecodable_images"] - plan.counts["unreachable_url_images"],
             "undecodable": plan.counts["undecodable_images"],
-            "fetch_failed": plan.counts["unreachable_url_images"],
+            "fetch_refused": plan.counts["unreachable_url_images"],
         },
     }
     with open(os.path.join(out_dir, CORPUS_SUMMARY_FILE), "w", encoding="utf-8") as f:

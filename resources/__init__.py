@@ -117,7 +117,8 @@ class GenerationBackendResource(_PluginResource):
         default="transformers", description="transformers (in-process), vllm (OpenAI-compatible server) or package.module:Class."
     )
     params: dict[str, Any | None] = Field(
-        default_factory=dict, description="Backend parameters, e.g. model; vllm: base_url, api_key, max_concurrency, timeout_s."
+        default_factory=dict,
+        description="Backend parameters, e.g. model; vllm: base_url, api_key_env (name of the variable holding the key), max_concurrency, timeout_s.",
     )
 
     @classmethod
@@ -184,7 +185,7 @@ def _environment_resources(env: str | None, input_uri: str | None, storage_root:
                 params={
                     "model": os.environ.get("REALSYN_VLLM_MODEL", "realsyn-fusion-llama3-8b"),
                     "base_url": os.environ.get("REALSYN_VLLM_URL", "http://vllm.realsyn.svc.cluster.local:8000"),
-                    "api_key": dg.EnvVar("REALSYN_VLLM_API_KEY").get_value(),
+                    "api_key_env": "REALSYN_VLLM_API_KEY",  # the name only: the key is read at request time, never kept in config
                     "max_concurrency": 64,
                 },
             ),

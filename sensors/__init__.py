@@ -46,10 +46,18 @@ realsyn_automation = dg.AutomationConditionSensorDefinition(
 )
 def run_failure_alert(context: dg.RunFailureSensorContext) -> None:
     steps = [e.step_key for e in context.get_step_failure_events()]
-    message = f"RealSyn run {context.dagster_run.run_id} ({context.dagster_run.job_name}) failed at {steps or 'run level'}: {context.failure_event.message}"
+    from realsyn.redact import redact
+
+    # the failure text can carry a URL with user:pass@ or a token: never log or post it as is
+    message = redact(
+        f"RealSyn run {context.dagster_run.run_id} ({context.dagster_run.job_name}) failed at {steps or 'run level'}: {context.failure_event.message}"
+    )
     context.log.error(message)
     url = os.environ.get("REALSYN_ALERT_WEBHOOK")
     if url:
         import requests
 
-        requests.post(url, json={"text": message}, timeout=10)
+        try:
+            requests.post(url, json={"text": message}, timeout=10)
+        except requests.RequestException as e:  # the webhook URL is itself a secret (Slack, Teams): never echo it
+            context.log.error(f"alert webhook failed: {type(e).__name__}")

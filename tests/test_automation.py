@@ -31,8 +31,8 @@ def test_global_steps_rebuild_after_the_tick_once_shards_are_prepared():
             instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=shard))
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30)
     fired = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=later, cursor=quiet.cursor)
-    # dedup, and sentence clustering downstream of it, in the same tick; GPU captioning is not eager
-    assert _requested(fired) == {"image_dedup", "sentence_dedup", "sentence_clusters"}
+    # dedup, then sentence clustering and the global retrieval pass downstream of it, in the same tick
+    assert _requested(fired) == {"image_dedup", "sentence_dedup", "sentence_clusters", "retrievals"}
     again = dg.evaluate_automation_conditions(
         defs=defs, instance=instance, evaluation_time=later + datetime.timedelta(seconds=30), cursor=fired.cursor
     )

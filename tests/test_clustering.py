@@ -4,7 +4,19 @@ import numpy as np
 import pytest
 
 from realsyn import runtime
-from realsyn.clustering import ReservoirSample, assign, cluster_order, train_kmeans
+from realsyn.clustering import (
+    CentroidIndex,
+    ReservoirSample,
+    allocate_fine,
+    assign,
+    bank_part_bounds,
+    cluster_order,
+    fit_centroids,
+    normalize_rows_inplace,
+    sample_capacity,
+    train_kmeans,
+    train_kmeans_two_level,
+)
 
 
 def _stream(n: int, dim: int = 2) -> np.ndarray:
@@ -74,6 +86,40 @@ def test_reservoir_skips_and_counts_non_finite_rows():
         res.add(np.zeros((3, 5), dtype=np.float32))
 
 
+def test_reservoir_buffer_is_preallocated_once_and_array_is_a_view():
+    res = ReservoirSample(capacity=8, dim=3, seed=0)
+    buffer = res._rows
+    assert buffer.shape == (8, 3) and res.nbytes == 8 * 3 * 4 and len(res) == 0
+    for start in range(0, 100, 7):
+        res.add(_stream(100, 3)[start : start + 7])
+        assert res._rows is buffer  # filled and replaced in place, never regrown or copied
+    rows = res.array()
+    assert rows.shape == (8, 3) and np.shares_memory(rows, buffer) and rows.flags.c_contiguous
+    partial = ReservoirSample(capacity=8, dim=3, seed=0)
+    partial.add(_stream(3, 3))
+    assert partial.array().shape == (3, 3) and np.shares_memory(partial.array(), partial._rows)
+
+
+def test_sample_capacity_is_the_smallest_of_budget_faiss_cap_and_rows():
+    assert sample_capacity(n_rows=10_000, k=10, sample_rows=1_000_000, max_points_per_centroid=256) == 2_560
+    assert sample_capacity(n_rows=10_000, k=100, sample_rows=3_000, max_points_per_centroid=256) == 3_000
+    assert sample_capacity(n_rows=500, k=100, sample_rows=3_000, max_points_per_centroid=256) == 500
+    assert sample_capacity(n_rows=0, k=1, sample_rows=3_000, max_points_per_centroid=256) == 1
+    with pytest.raises(ValueError):
+        sample_capacity(n_rows=10, k=1, sample_rows=0, max_points_per_centroid=256)
+
+
+def test_normalize_rows_inplace_scales_rows_in_their_own_memory():
+    x = np.array([[3, 4], [0, 0], [0, -2]], np.float32)
+    out = normalize_rows_inplace(x)
+    assert out is x
+    np.testing.assert_allclose(x, [[0.6, 0.8], [0, 0], [0, -1]], rtol=1e-6)
+    with pytest.raises(ValueError):
+        normalize_rows_inplace(np.ones((2, 2), np.float64))
+    with pytest.raises(ValueError):
+        normalize_rows_inplace(np.ones((2, 4), np.float32)[:, ::2])
+
+
 # ----------------------------------------------------------------------------- train_kmeans
 def test_train_kmeans_finds_separated_blobs_with_unit_centroids():
     centers, points = _blobs(4, 40, dim=8, seed=0)
@@ -129,7 +175,84 @@ def test_train_kmeans_on_gpu_finds_blobs():
     assert sorted((cents @ centers.T).argmax(axis=1).tolist()) == [0, 1, 2, 3]
 
 
+def test_train_kmeans_normalized_flag_skips_only_the_normalising_copy():
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((200, 8)).astype(np.float32)
+    unit = normalize_rows_inplace(data.copy())
+    np.testing.assert_array_equal(unit, runtime.l2_normalize(data))  # the same bits as the normalising copy
+    np.testing.assert_array_equal(
+        train_kmeans(unit, k=5, niter=8, seed=1, use_gpu="never", normalized=True),
+        train_kmeans(data, k=5, niter=8, seed=1, use_gpu="never"),
+    )
+
+
+# ----------------------------------------------------------------------------- two-level
+def test_allocate_fine_is_proportional_and_sums_to_k():
+    np.testing.assert_array_equal(allocate_fine(np.array([5, 3, 2]), 4), [2, 1, 1])  # remainders 0, 2, 8 (of 10)
+    np.testing.assert_array_equal(allocate_fine(np.array([1, 0, 9]), 10), [1, 0, 9])  # k = n: one centroid per row
+    np.testing.assert_array_equal(allocate_fine(np.array([1, 1, 1]), 2), [1, 1, 0])  # ties go to the lower cell
+    np.testing.assert_array_equal(allocate_fine(np.array([7]), 3), [3])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(0, 40, 12)
+        k = int(rng.integers(1, sizes.sum() + 1))
+        fine = allocate_fine(sizes, k)
+        assert fine.sum() == k and (fine <= sizes).all() and (np.abs(fine - k * sizes / sizes.sum()) < 1).all()
+    with pytest.raises(ValueError):
+        allocate_fine(np.array([2, 1]), 4)
+
+
+def test_two_level_with_one_coarse_cell_is_flat_kmeans():
+    rng = np.random.default_rng(6)
+    data = rng.standard_normal((400, 16)).astype(np.float32)
+    flat = train_kmeans(data, k=12, niter=10, seed=3, use_gpu="never")
+    two = train_kmeans_two_level(data, k=12, n_coarse=1, niter=10, seed=3, use_gpu="never")
+    np.testing.assert_array_equal(two, flat)
+
+
+def test_two_level_returns_exactly_k_unit_centroids_one_per_blob():
+    # Two far groups (around e0 and e1) of two blobs each: the 2 coarse cells are the groups, each
+    # holds 60 of 120 rows and so gets exactly 2 of the 4 fine centroids, one per blob.
+    e = np.eye(8, dtype=np.float32)
+    centers = runtime.l2_normalize(np.stack([e[0] + 0.5 * e[2], e[0] - 0.5 * e[2], e[1] + 0.5 * e[3], e[1] - 0.5 * e[3]]))
+    points = (np.repeat(centers, 30, axis=0) + 0.02 * np.random.default_rng(0).standard_normal((120, 8))).astype(np.float32)
+    cents = train_kmeans_two_level(points, k=4, n_coarse=2, niter=20, seed=0, use_gpu="never")
+    assert cents.shape == (4, 8) and cents.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-5)
+    sim = cents @ centers.T
+    assert sorted(sim.argmax(axis=1).tolist()) == [0, 1, 2, 3] and sim.max(axis=1).min() > 0.99
+    # the centroids come grouped by coarse cell: the first two are one group's blobs
+    assert sorted(sim.argmax(axis=1)[:2].tolist()) in ([0, 1], [2, 3])
+    rng = np.random.default_rng(1)
+    for k, n_coarse in [(37, 6), (50, 7), (300, 17)]:
+        data = rng.standard_normal((300, 8)).astype(np.float32)
+        cents = train_kmeans_two_level(data, k=k, n_coarse=n_coarse, niter=5, seed=0, use_gpu="never")
+        assert cents.shape == (k, 8)
+        np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-5)
+
+
+def test_fit_centroids_switches_to_two_level_above_the_threshold():
+    rng = np.random.default_rng(2)
+    data = normalize_rows_inplace(rng.standard_normal((500, 8)).astype(np.float32))
+    flat, coarse = fit_centroids(data, 20, two_level_above=20, niter=5, seed=0, use_gpu="never", normalized=True)
+    assert coarse == 0
+    np.testing.assert_array_equal(flat, train_kmeans(data, 20, niter=5, seed=0, use_gpu="never", normalized=True))
+    two, coarse = fit_centroids(data, 20, two_level_above=19, niter=5, seed=0, use_gpu="never", normalized=True)
+    assert coarse == 4 and two.shape == (20, 8)  # round(sqrt(20)) coarse cells
+    np.testing.assert_array_equal(two, train_kmeans_two_level(data, 20, n_coarse=4, niter=5, seed=0, use_gpu="never", normalized=True))
+
+
 # ----------------------------------------------------------------------------- assign
+def test_every_row_is_assigned_to_its_brute_force_nearest_centroid():
+    rng = np.random.default_rng(9)
+    data = rng.standard_normal((2000, 16)).astype(np.float32)
+    cents = train_kmeans_two_level(data, k=40, n_coarse=6, niter=5, seed=0, use_gpu="never")
+    ids, scores = CentroidIndex(cents, use_gpu="never").search(data, 1)
+    sims = data @ cents.T
+    np.testing.assert_array_equal(ids[:, 0], sims.argmax(axis=1))
+    np.testing.assert_allclose(scores[:, 0], sims.max(axis=1), rtol=1e-5, atol=1e-5)
+
+
 def test_assign_returns_nearest_centroids_best_first():
     centroids = np.eye(3, dtype=np.float32)
     emb = np.array([[0.1, 0.9, 0.3], [0.8, 0.0, 0.6], [0.0, 0.2, 1.0]], dtype=np.float32)
@@ -157,3 +280,17 @@ def test_cluster_order_is_a_stable_csr_layout():
         cluster_order(np.array([0, 3]), k=3)
     with pytest.raises(ValueError):
         cluster_order(np.array([-1, 0]), k=3)
+
+
+# ----------------------------------------------------------------------------- bank_part_bounds
+def test_bank_part_bounds_cut_by_rows():
+    sizes = np.array([3, 0, 2, 5, 1])
+    np.testing.assert_array_equal(bank_part_bounds(sizes, 4), [0, 2, 3, 4, 5])  # cluster 3 (5 rows) stands alone
+    np.testing.assert_array_equal(bank_part_bounds(sizes, 1), [0, 2, 3, 4, 5])  # empty cluster 1 joins cluster 0
+    np.testing.assert_array_equal(bank_part_bounds(sizes, 6), [0, 3, 5])  # 3 + 0 + 2, then 5 + 1
+    np.testing.assert_array_equal(bank_part_bounds(sizes, 10**9), [0, 5])
+    np.testing.assert_array_equal(bank_part_bounds(np.array([0, 2]), 1), [0, 2])  # no empty part up front
+    np.testing.assert_array_equal(bank_part_bounds(np.array([0, 0, 1, 0]), 1), [0, 4])
+    np.testing.assert_array_equal(bank_part_bounds(np.zeros(3, np.int64), 5), [0, 3])
+    with pytest.raises(ValueError):
+        bank_part_bounds(sizes, 0)

@@ -13,12 +13,22 @@ from realsyn.dedup import (
     BinaryHashIndex,
     SemanticIndex,
     UnionFind,
+    auto_index_factory,
+    component_labels,
     exact_duplicate_edges,
+    exact_key_edges,
+    first_of,
+    group_representatives,
     hamming_edges,
+    hamming_edges_brute_force,
+    mih_chunks,
     normalize_text,
     perceptual_hash,
     perceptual_hashes,
+    popcount64,
     representatives,
+    rowwise_dot,
+    string_keys,
 )
 from realsyn.stats import StepStats
 
@@ -252,3 +262,165 @@ def test_semantic_index_ivf_train_and_probe_all_lists_is_exact():
     assert index.edges(x, 0).tolist() == _brute_semantic(x, threshold)
     with pytest.raises(ValueError):
         index.edges(x[:, :8], 0)
+
+
+# -- components and sparse representatives ----------------------------------------------------------
+
+
+def test_component_methods_agree_with_union_find_labels():
+    assert component_labels(10, GRAPH, "csgraph").tolist() == GRAPH_LABELS
+    assert component_labels(10, GRAPH, "union_find").tolist() == GRAPH_LABELS
+    rng = np.random.default_rng(3)
+    edges = rng.integers(0, 4000, size=(2500, 2))
+    np.testing.assert_array_equal(component_labels(4000, edges, "csgraph"), component_labels(4000, edges, "union_find"))
+    with pytest.raises(IndexError):
+        component_labels(10, np.array([[0, 10]]))
+    with pytest.raises(ValueError, match="method"):
+        component_labels(10, GRAPH, "bfs")
+
+
+def test_group_representatives_touch_only_edge_nodes():
+    nodes, reps = group_representatives(GRAPH)
+    assert nodes.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9]  # 8 is in no edge
+    assert reps.tolist() == [0, 0, 0, 0, 4, 5, 5, 5, 4]
+    priority = np.array([1, 5, 5, 0, 2, 3, 3, 9, 0, 7])
+    seen = []
+    nodes, reps = group_representatives(GRAPH, priority=lambda idx: seen.append(idx.tolist()) or priority[idx])
+    assert seen == [[0, 1, 2, 3, 4, 5, 6, 7, 9]]  # priorities are asked for the touched nodes only
+    assert reps.tolist() == [1, 1, 1, 1, 9, 7, 7, 7, 9]
+    # far-apart ids: the work depends on the edges, not on the largest id
+    nodes, reps = group_representatives(np.array([[10**12, 5], [7, 10**12]]))
+    assert nodes.tolist() == [5, 7, 10**12] and reps.tolist() == [5, 5, 5]
+    assert [a.shape for a in group_representatives(np.zeros((0, 2)))] == [(0,), (0,)]
+
+
+# -- fixed-width keys --------------------------------------------------------------------------------
+
+
+def test_string_keys_fast_hex_path_and_fallback_agree_on_equality():
+    import hashlib
+
+    import pyarrow as pa
+
+    sha = [hashlib.sha256(f"t{i % 5}".encode()).hexdigest() for i in range(12)]
+    sha1 = [hashlib.sha1(f"t{i % 3}".encode()).hexdigest() for i in range(6)]
+    other = ["x", "x", "A" * 64, "a" * 64, "a" * 63 + "b", "b" + "a" * 63, None, "", "ÿ" * 20]
+    values = sha + sha1 + other
+    keys, valid = string_keys(values)
+    assert keys.shape == (27, 2) and keys.dtype == np.uint64
+    assert valid.tolist() == [True] * 24 + [False, False, True]
+    # equal strings, equal keys; distinct strings, distinct keys (hex decoded, others BLAKE2b)
+    distinct = {v: tuple(k) for v, k, ok in zip(values, keys.tolist(), valid) if ok}
+    assert len(set(distinct.values())) == len(distinct) == 5 + 3 + 6
+    assert all(tuple(keys[i]) == distinct[v] for i, v in enumerate(values) if v)
+    # the fast path: a sha256 hex digest folds its 32 bytes into 16
+    raw = bytes.fromhex(sha[0])
+    assert keys[0].tobytes() == bytes(a ^ b for a, b in zip(raw[:16], raw[16:]))
+    # the same key from a chunked, sliced or large_string array
+    chunked = pa.chunked_array([pa.array(values[:10]), pa.array(values[10:])])
+    np.testing.assert_array_equal(string_keys(chunked)[0], keys)
+    np.testing.assert_array_equal(string_keys(pa.array(values, pa.large_string()).slice(3))[0], keys[3:])
+    assert string_keys([])[0].shape == (0, 2)
+
+
+def test_exact_key_edges_and_first_of():
+    keys = np.array([5, 7, 5, 9, 7, 5, 1], dtype=np.uint64)
+    edges = exact_key_edges(keys)
+    assert edges.tolist() == [[0, 2], [1, 4], [0, 5]]
+    valid = np.array([True, True, False, True, True, True, True])
+    assert exact_key_edges(keys, valid).tolist() == [[1, 4], [0, 5]]
+    assert first_of(edges, np.array([0, 1, 2, 3, 4, 5, 6])).tolist() == [0, 1, 0, 3, 1, 0, 6]
+    assert first_of(np.zeros((0, 2), np.int64), np.array([3, 4])).tolist() == [3, 4]
+    # 2-column keys: rows equal only when both halves are
+    two = np.array([[1, 2], [1, 3], [1, 2], [0, 2]], dtype=np.uint64)
+    assert exact_key_edges(two).tolist() == [[0, 2]]
+
+
+# -- multi-index hashing -----------------------------------------------------------------------------
+
+
+def _planted_hashes(n=4000, seed=5):
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+    for k in range(n // 4):  # copies of earlier hashes with 0..9 flipped bits
+        flips = rng.choice(64, size=k % 10, replace=False).astype(np.uint64)
+        h[n // 2 + k] = h[k] ^ np.bitwise_or.reduce(np.uint64(1) << flips) if len(flips) else h[k]
+    h[-300:-100] = 0  # blank images
+    h[-100:-50] = 0b101  # near-blank: 2 bits from the blanks
+    h[-50:] = np.arange(50, dtype=np.uint64) << np.uint64(58)  # distinct hashes sharing 58 zero bits
+    return h
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 6, 9])
+def test_mih_finds_exactly_the_brute_force_pairs(d):
+    h = _planted_hashes()
+    want = hamming_edges_brute_force(h, d)
+    for chunks in [None, d + 1] + ([d + 3] if d else []):  # d = 0: one 64-bit chunk only
+        got = hamming_edges(h, d, chunks=chunks, block_pairs=997)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+    # the spanning edges (the stage's) give the same components with far fewer edges
+    span = hamming_edges(h, d, all_pairs=False)
+    np.testing.assert_array_equal(component_labels(len(h), span), component_labels(len(h), want))
+    assert len(span) < len(h) < len(want)
+
+
+def test_mih_exact_pair_counts_and_guards():
+    h = _planted_hashes()
+    # 200 blank + 50 near-blank hashes: C(200, 2) + C(50, 2) pairs at d=0, + 200 x 50 at d=2
+    blanks = 200 * 199 // 2 + 50 * 49 // 2
+    assert len(hamming_edges(h[-300:-50], 0)) == blanks
+    assert len(hamming_edges(h[-300:-50], 2)) == blanks + 200 * 50
+    # spanning: every copy to its first occurrence, one edge between the two groups
+    span = hamming_edges(h[-300:-50], 2, all_pairs=False)
+    assert span.tolist() == [[0, i] for i in range(1, 201)] + [[200, j] for j in range(201, 250)]
+    assert hamming_edges(np.array([3], np.uint64), 6).shape == (0, 2)
+    assert hamming_edges(np.array([0, 2**64 - 1], np.uint64), 64).tolist() == [[0, 1]]
+    with pytest.raises(ValueError):
+        hamming_edges(h, -1)
+    with pytest.raises(ValueError, match="chunks"):
+        hamming_edges(h, 6, chunks=6)
+    assert hamming_edges(CRAFTED, 6, chunks=7).tolist() == hamming_edges_brute_force(CRAFTED, 6).tolist()
+
+
+def test_mih_chunks_cost_model():
+    assert [mih_chunks(1000, d) for d in (0, 1, 6)] == [1, 2, 7]
+    assert mih_chunks(200_000, 6) == 8
+    assert mih_chunks(2_000_000, 6) == 9
+    assert mih_chunks(10**8, 6) == 10
+    assert mih_chunks(10**8, 70) == 64
+
+
+# -- semantic: auto factory, approximate codes ------------------------------------------------------
+
+
+def test_auto_index_factory():
+    assert auto_index_factory(0) == auto_index_factory(49_999) == "Flat"
+    assert auto_index_factory(50_000) == "IVF894,SQ8"
+    assert auto_index_factory(10**6) == "IVF4000,SQ8"
+    assert auto_index_factory(10**8) == "IVF40000,SQ8"
+
+
+def test_sq8_candidates_cover_the_exact_edges_and_verify_to_them():
+    x, threshold = _planted_vectors(), 0.9
+    want = _brute_semantic(x, threshold)
+    index = SemanticIndex(16, threshold, index_factory="IVF4,SQ8", use_gpu="never", nprobe=4)
+    assert index.approximate and index.margin == 0.02 and index.nlist == 4 and index.train_size == 10_000
+    index.train(x)
+    index.add(x)
+    pairs, sims = index.edges(x, 0, with_similarity=True)
+    assert set(map(tuple, want)) <= set(map(tuple, pairs.tolist()))  # candidates at threshold - margin
+    assert sims.min() >= np.float32(threshold - 0.02)
+    exact = rowwise_dot(x[pairs[:, 0]], x[pairs[:, 1]])
+    assert np.abs(exact - sims).max() < 0.01  # SQ8 similarities are close, not exact
+    assert pairs[exact >= np.float32(threshold)].tolist() == want
+    flat = SemanticIndex(16, threshold, use_gpu="never")
+    assert not flat.approximate and flat.margin == 0.0 and flat.nlist == 0
+
+
+def test_popcount64_with_and_without_numpy_bitwise_count(monkeypatch):
+    x = np.array([0, 1, 0b1011, 2**64 - 1, 2**63], dtype=np.uint64)
+    assert popcount64(x).tolist() == [0, 1, 3, 64, 1]
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # numpy < 2: the byte table
+    assert popcount64(x).tolist() == [0, 1, 3, 64, 1]
+    assert popcount64(x.reshape(5, 1)).shape == (5, 1)

@@ -4,6 +4,7 @@ import sys
 
 import dagster as dg
 
+from assets.jobs import JOBS_IN_ORDER
 from definitions import build_definitions
 
 REQUIRED = {"image_db", "sentence_db", "sentence_clusters", "retrievals", "synthetic_captions", "sampled_splits"}
@@ -41,12 +42,8 @@ def test_definitions_load_with_required_assets_and_lineage():
     k8s = emb.op.tags["dagster-k8s/config"]
     k8s = json.loads(k8s) if isinstance(k8s, str) else k8s
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {j for j in ("prepare_shards", "dedup_and_cluster", "caption_shards", "sample_and_export") if defs.resolve_job_def(j)} == {
-        "prepare_shards",
-        "dedup_and_cluster",
-        "caption_shards",
-        "sample_and_export",
-    }
+    jobs = ("prepare_shards", "dedup_and_cluster", "caption_shards", "sample_splits", "export_shards", "publish_export")
+    assert [j.name for j in JOBS_IN_ORDER] == list(jobs) and all(defs.resolve_job_def(j) for j in jobs)
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert {"sentence_clusters_are_usable", "sampled_splits_respect_caps", "exported_splits_match_sizes"} <= checks
 

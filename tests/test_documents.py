@@ -115,6 +115,7 @@ def test_obelics_parquet_skips_and_counts_malformed_rows(tmp_path):
     assert docs[2].images == [None, "/abs/c.jpg"]  # empty reference is no image
     assert stats.counts["documents_in"] == 5
     assert stats.dropped == {"malformed_document": 2}
+    assert (stats.counts["malformed_length_mismatch"], stats.counts["malformed_missing_images"]) == (1, 1)
 
 
 def test_obelics_parquet_inline_bytes_and_id_from_url(tmp_path):
@@ -148,6 +149,11 @@ def _check_jsonl_docs(docs, stats, stem):
     assert docs[1].images == ["s3://bucket/k.jpg", None] and docs[1].texts == [None, "Last one."]
     assert stats.counts["documents_in"] == 6
     assert stats.dropped == {"malformed_document": 4}
+    assert {k: v for k, v in stats.counts.items() if k.startswith("malformed_")} == {
+        "malformed_bad_json": 2,  # broken JSON and bad UTF-8
+        "malformed_not_an_object": 1,
+        "malformed_bad_texts_slot": 1,
+    }
 
 
 def test_obelics_jsonl_and_gz(tmp_path):
@@ -186,3 +192,86 @@ def test_shards_on_s3_are_listed_and_read():
         assert docs[0].doc_id == "s3doc" and docs[0].images == ["s3://corpus/in/sub/img/one.jpg"]
         assert list(ObelicsReader().iter_documents(shards[0], stats))[0].texts == ["Hi there."]
         assert stats.counts["documents_in"] == 2
+
+
+def test_shard_keys_are_always_safe_names():
+    from realsyn.storage import validate_name
+
+    for rel in ["-x.jsonl", "_x.jsonl", "a..b.jsonl", "..x.parquet", "x/..y.jsonl", ".-..jsonl", "sub/-/a.jsonl", "\u00e9t\u00e9.jsonl"]:
+        key = shard_key(f"/in/{rel}", "/in")
+        assert validate_name(key, "shard key") == key and ".." not in key, rel
+    assert shard_key("/in/a..b.jsonl", "/in") != shard_key("/in/a_b.jsonl", "/in")
+    assert re.fullmatch(r"x-[0-9a-f]{8}", shard_key("/in/-x.jsonl", "/in"))
+
+
+def _doc_ids(tmp_path, ids, name="ids.jsonl"):
+    lines = [json.dumps({"id": i, "images": [None], "texts": ["Some text here."]}) for i in ids]
+    stats = StepStats("documents")
+    docs = list(ObelicsReader().iter_documents(_touch(tmp_path / name, "\n".join(lines).encode()), stats))
+    return [d.doc_id for d in docs], stats
+
+
+def test_doc_ids_are_unique_by_construction(tmp_path):
+    # a renamed duplicate never collides with a real id, earlier or later
+    ids, stats = _doc_ids(tmp_path, ["x", "x~2", "x"])
+    assert ids == ["x", "x~2", "x~2.2"] and stats.counts["renamed_duplicate_doc_id"] == 1
+    ids, stats = _doc_ids(tmp_path, ["x", "x", "x~1", "x~1"], "later.jsonl")
+    assert ids == ["x", "x~1", "x~1~2", "x~1~3"] and stats.counts["renamed_duplicate_doc_id"] == 3
+    ids, _ = _doc_ids(tmp_path, ["x"] * 50, "many.jsonl")
+    assert len(set(ids)) == 50
+
+
+def test_reader_errors_and_invalid_unicode_are_counted_drops(tmp_path):
+    lines = [
+        json.dumps({"id": "ok", "images": [None], "texts": ["Fine."]}),
+        '{"id": "t", "images": [null], "texts": ["bad \\ud800 text"]}',  # a lone surrogate in a text
+        '{"id": "\\udc00", "images": [null], "texts": ["Bad id."]}',  # ... in an id
+        '{"id": "r", "images": ["http://127.0.0.1:1/\\ud83d.jpg"], "texts": [null]}',  # ... in an image reference
+        '{"id": "bad-json", "images": [',
+    ]
+    shard = _touch(tmp_path / "u.jsonl", "\n".join(lines).encode())
+    stats = StepStats("documents")
+    docs = list(ObelicsReader().iter_documents(shard, stats))
+    assert [d.doc_id for d in docs] == ["ok"]
+    assert stats.dropped == {"invalid_text": 3, "malformed_document": 1} and stats.counts["documents_in"] == 5
+
+    def explode(row, index, shard):
+        if row["id"] == "boom":
+            raise KeyError("surprise")
+        return Document(shard.doc_id(row, index), [None], ["x"])
+
+    from realsyn.readers.document import stream_documents
+
+    rows = [json.dumps({"id": i}) for i in ("a", "boom", "b")]
+    stats = StepStats("documents")
+    docs = list(stream_documents(_touch(tmp_path / "e.jsonl", "\n".join(rows).encode()), stats, explode))
+    assert [d.doc_id for d in docs] == ["a", "b"] and stats.counts["malformed_reader_error_KeyError"] == 1
+
+
+def test_a_shard_with_the_wrong_layout_is_a_failure_not_an_empty_shard(tmp_path):
+    from realsyn.readers import ShardSchemaError
+    from realsyn.readers.mmc4 import Mmc4Reader
+
+    # Parquet: the schema says it before any row is read
+    table = pa.table({"id": ["a"], "text_list": [["Words."]], "image_info": [[]]})
+    pq.write_table(table, tmp_path / "mmc4.parquet")
+    with pytest.raises(
+        ShardSchemaError,
+        match=r"no column 'images', 'texts', which the obelics reader needs; its columns are \['id', 'text_list', 'image_info'\]",
+    ):
+        list(ObelicsReader().iter_documents(str(tmp_path / "mmc4.parquet"), StepStats("d")))
+    # JSONL: every row malformed, nothing yielded
+    rows = [json.dumps({"id": str(i), "text_list": ["Words."], "image_info": []}) for i in range(3)]
+    shard = _touch(tmp_path / "mmc4.jsonl", "\n".join(rows).encode())
+    with pytest.raises(ShardSchemaError, match=r"none of its 3 rows is a document for the obelics reader \(missing_images x3\)"):
+        list(ObelicsReader().iter_documents(shard, StepStats("d")))
+    assert len(list(Mmc4Reader().iter_documents(shard, StepStats("d")))) == 3  # the right reader reads it
+    # a shard whose only rows have bad values (not a bad layout) is just empty: one bad document never fails a shard
+    only_bad = ['{"id": "s", "images": [null], "texts": ["x \\ud800"]}', json.dumps({"id": "l", "images": [None, None], "texts": ["a"]})]
+    stats = StepStats("d")
+    assert list(ObelicsReader().iter_documents(_touch(tmp_path / "only-bad.jsonl", "\n".join(only_bad).encode()), stats)) == []
+    assert stats.dropped == {"invalid_text": 1, "malformed_document": 1}
+    # an empty shard is just empty; a shard with one good row among bad ones is fine
+    assert list(ObelicsReader().iter_documents(_touch(tmp_path / "empty.jsonl", b"\n"), StepStats("d"))) == []
+    mixed = _touch(tmp_path / "mixed.jsonl", "\n".join([*rows, json.dumps({"images": [None], "texts": ["T."]})]).encode())
+    assert len(list(ObelicsReader().iter_documents(mixed, StepStats("d")))) == 1

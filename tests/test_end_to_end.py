@@ -13,6 +13,7 @@ from realsyn import layout
 from realsyn.decisions import reason_counts
 from realsyn.readers import list_input_shards, shard_key
 from realsyn.sample_corpus import build_sample_corpus
+from realsyn.stages.common import read_retrievals
 from realsyn.storage import Storage
 from tests.s3_server import moto_s3
 
@@ -44,7 +45,7 @@ def _config(path) -> str:
                     {"name": "points", "samplers": [{"name": "points_perplexity", "params": {"keep_fraction": 0.5}}]},
                 ]
             },
-            "exported_splits": {"samples_per_shard": 4},
+            "exported_shards": {"samples_per_shard": 4},
         },
         "resources": {},
     }
@@ -69,7 +70,7 @@ def _check_outputs(storage: Storage, shards, planted):
         "short_side": planted["tiny_images"],
         "aspect_ratio": planted["extreme_aspect_images"],
         "undecodable": 1,
-        "fetch_failed": 1,
+        "fetch_refused": 1,  # the planted loopback link: refused by the fetch policy
     }
     # stage 4: exact copies and re-encoded/resized copies collapse to one representative each
     dedup = storage.reader("image_dedup")
@@ -100,7 +101,7 @@ def _check_outputs(storage: Storage, shards, planted):
     # stage 7: k = 3 real texts per image, ranked, all from the kept sentences
     retrieved = 0
     for s in shards:
-        for row in storage.reader("retrievals", s).read_parquet("retrievals.parquet").to_pylist():
+        for row in read_retrievals(storage, s).to_pylist():
             assert len(row["texts"]) == 3 and set(row["sentence_ids"]) <= kept_sentences
             assert row["scores"] == sorted(row["scores"], reverse=True)
             retrieved += 1
@@ -133,7 +134,7 @@ def _check_outputs(storage: Storage, shards, planted):
     matcher = MetaClipMatcher(load_metadata("embedded:visual-concepts"))
     real = {}
     for s in shards:
-        for row in storage.reader("retrievals", s).read_parquet("retrievals.parquet").to_pylist():
+        for row in read_retrievals(storage, s).to_pylist():
             real[row["image_id"]] = row["texts"]
     meta_split = chosen("metaclip")
     assert set(meta_split) <= set(chosen("cap5")) and len(meta_split) < len(chosen("cap5"))
@@ -155,6 +156,9 @@ def _check_outputs(storage: Storage, shards, planted):
     export = storage.reader("exported_splits")
     for split in [*CAPS, "metaclip", "points"]:
         sizes_json = export.read_json(f"{split}/sizes.json")
+        # one folder per split: the tars of every shard ({split}-{shard}-NNNNNN.tar) and the --train-data list of them
+        assert all(name.startswith(f"{split}-") and name.endswith(".tar") for name in sizes_json)
+        assert export.read_bytes(f"{split}/train_data.txt").decode() == "::".join(export.uri(f"{split}/{name}") for name in sizes_json)
         local = []
         for name in sizes_json:
             with export.open(f"{split}/{name}") as src:
@@ -218,7 +222,8 @@ def test_whole_graph_locally_and_rerun_is_idempotent(tmp_path, monkeypatch):
         for s in shards
     }
     assert again == first
-    assert len(glob.glob(str(tmp_path / "store" / "retrievals" / shards[0] / "g-*"))) == 1
+    # the superseded generation stays for readers that resolved it (retention 2); _CURRENT.json names the current one
+    assert len(glob.glob(str(tmp_path / "store" / "retrievals" / "_global" / "g-*"))) == 2
 
 
 def test_whole_graph_on_s3(tmp_path, monkeypatch):
@@ -237,30 +242,37 @@ def test_whole_graph_on_s3(tmp_path, monkeypatch):
         assert fs.exists("realsyn/store/exported_splits/_global/_CURRENT.json")
 
 
-def test_cli_reports_failing_asset_and_shard(tmp_path, capsys, monkeypatch):
+def test_cli_finishes_the_good_shards_and_names_the_failed_one(tmp_path, capsys, monkeypatch):
+    import json
+    import re
+
     from assets.cli import main
 
     home = tmp_path / "dagster_home"  # not created: the CLI makes the persistent instance itself
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-
+    monkeypatch.setenv("E2E_TMP", str(tmp_path))
     corpus = tmp_path / "corpus"
-    build_sample_corpus(str(corpus))
-    # a caption model that cannot be loaded: the graph must stop at synthetic_captions and say so
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "assets": {"sentence_clusters": {"n_clusters": 4}},
-                "resources": {"generator": {"params": {"model": str(tmp_path / "no-such-model")}}, "perplexity": {"enabled": False}},
-            }
-        )
-    )
-    code = main(["run", "--input", str(corpus), "--storage", str(tmp_path / "store"), "--config", str(cfg)])
-    err = capsys.readouterr().err
+    planted = build_sample_corpus(str(corpus))
+    # one shard in another layout (MMC4 rows for the OBELICS reader): nothing in it is a document
+    (corpus / "zz-wrong-layout.jsonl").write_text(json.dumps({"url": "u", "text_list": ["Words here."], "image_info": []}) + "\n")
+    code = main(["run", "--input", str(corpus), "--storage", str(tmp_path / "store"), "--config", _config(str(tmp_path))])
+    out, err = capsys.readouterr()
     assert code == 1
-    assert "asset 'synthetic_captions' failed for shard part-00000" in err, err
+    assert re.search(
+        r"FAILED: asset '\w+' failed for shard zz-wrong-layout \(job prepare_shards\): .*none of its 1 rows is a document", err
+    ), err
+    assert "realsyn run: 1 of 5 shards failed and were left out: zz-wrong-layout" in err
+    assert "the other 4 shards went through every job, the global steps over them" in err
+    assert "asset check" not in err  # every check passed over the good shards
+    # the bad-input summary names the planted malformed row (wrong lengths) of the JSONL shard
+    assert re.search(r"  part-00003: 1 of \d+ rows dropped \(malformed_document 1; length_mismatch 1\)", out), out
+    # the good shards went through the whole graph: the same outputs as a run without the bad shard
+    storage = Storage(str(tmp_path / "store"))
+    shards = sorted(shard_key(u, str(corpus)) for u in list_input_shards(str(corpus)) if "zz-" not in u)
+    assert storage.reader("exported_splits").info["shards"] == shards and not storage.has("image_db", "zz-wrong-layout")
+    _check_outputs(storage, shards, planted)
     # the persistent instance holds the runs, the failed one included
     runs = dg.DagsterInstance.from_config(str(home)).get_runs()
-    assert any(r.job_name == "caption_shards" and r.status == dg.DagsterRunStatus.FAILURE for r in runs)
-    assert sum(r.job_name == "prepare_shards" and r.status == dg.DagsterRunStatus.SUCCESS for r in runs) == 4
+    assert sum(r.job_name == "prepare_shards" and r.status == dg.DagsterRunStatus.FAILURE for r in runs) == 1
+    assert sum(r.job_name == "caption_shards" and r.status == dg.DagsterRunStatus.SUCCESS for r in runs) == 4
     assert main(["run", "--input", str(tmp_path / "empty"), "--storage", str(tmp_path / "store")]) == 2

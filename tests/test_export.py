@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -151,3 +152,332 @@ def test_parquet_table(tmp_path):
     for row in back.to_pylist():
         assert Image.open(io.BytesIO(row["image_bytes"])).size == (row["width"], row["height"])
     assert back.column("doc_id").to_pylist()[0] == "doc.0"
+
+
+# ------------------------------------------------------------------------------------------------
+# Column-wise per-shard export (ShardSamples) and the per-shard + publish stages.
+
+from realsyn import layout  # noqa: E402
+from realsyn.export import (  # noqa: E402
+    PARQUET_SCHEMA,
+    GatherFile,
+    ShardSamples,
+    SplitOutput,
+    TarStream,
+    _add_member,
+    reference_samples,
+    tar_header,
+    tar_headers,
+    tar_member,
+)
+from realsyn.stages import export as export_stage  # noqa: E402
+from realsyn.stages.common import write_retrievals  # noqa: E402
+from realsyn.storage import Storage  # noqa: E402
+
+SHARD_FORMATS = [("JPEG", "jpeg"), ("PNG", "png"), ("WEBP", "webp"), ("BMP", "bmp"), ("JPEG", "jpg")]
+
+
+def _shard_tables(shard: str, n: int, seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """One shard's filtered images, retrievals and captions, with every kind of bad row planted."""
+    rows = []
+    for i in range(n):
+        pil_fmt, fmt = SHARD_FORMATS[(i + seed) % len(SHARD_FORMATS)]
+        data = _image(pil_fmt, 32 + i % 5, 24 + i % 3, seed * 1000 + i)
+        if i % 11 == 5:
+            fmt, data = "gif", b"not an image"  # undecodable_image
+        if i % 13 == 7:
+            data = b""  # missing_image
+        source = f"https://x.org/{shard}/{i}.img" if i % 6 else None  # inline images have no source
+        rows.append((f'{shard}/doc.{i // 3}#{i}"q"\t', data, fmt, 32 + i % 5, 24 + i % 3, f"{shard}/doc.{i // 3}", source))
+    cols = list(zip(*rows))
+    images = pa.table(
+        {
+            "image_id": pa.array(cols[0], pa.string()),
+            "image_bytes": pa.array(cols[1], pa.binary()),
+            "format": pa.array(cols[2], pa.string()),
+            "width": pa.array(cols[3], pa.int32()),
+            "height": pa.array(cols[4], pa.int32()),
+            "doc_id": pa.array(cols[5], pa.string()),
+            "source": pa.array(cols[6], pa.string()),
+        }
+    )
+    ids = list(cols[0])
+    order = np.random.default_rng(seed).permutation(n)  # retrievals and captions in another row order
+    texts = [[f"real é {i} a", f"real {i} b", f"real {i} c"] if i % 7 != 3 else [" ", ""] for i in range(n)]
+    retrievals = pa.table(
+        {
+            "image_id": pa.array([ids[j] for j in order], pa.string()),
+            "sentence_ids": pa.array([[f"s{j}a", f"s{j}b"] for j in order], pa.list_(pa.string())),
+            "texts": pa.array([texts[j] for j in order], pa.list_(pa.string())),
+            "scores": pa.array([[0.5 - 0.001 * j, 0.1 + 1 / 3 if j % 9 else float("nan")] for j in order], pa.list_(pa.float32())),
+        }
+    )
+    # no caption (empty) for every 4th image: the caption falls back to the top real text, or none at all
+    captions = pa.table(
+        {
+            "image_id": pa.array([ids[j] for j in order[::-1]], pa.string()),
+            "synthetic_caption": [f"synthétique {j}" if j % 4 else "" for j in order[::-1]],
+        }
+    )
+    return images, retrievals, captions
+
+
+class _Capture(io.BytesIO):
+    def __init__(self, store: dict, name: str):
+        super().__init__()
+        self.store, self.name = store, name
+
+    def close(self):
+        if not self.closed:
+            self.store[self.name] = self.getvalue()
+        super().close()
+
+
+def _members(blob: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("sizes", [[0, 1, 511], [512, 513, 10240], [7] * 40])
+def test_tar_stream_is_byte_identical_to_tarfile(sizes):
+    members = [(f"k{i}-{'x' * (i % 90)}.bin".encode(), bytes([i % 256]) * n) for i, n in enumerate(sizes)]
+    ours, theirs = {}, io.BytesIO()
+    stream = TarStream(_Capture(ours, "a"), flush_bytes=1000)
+    for name, data in members:
+        stream.write(tar_member(name, data))
+    stream.close()
+    with tarfile.open(fileobj=theirs, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            _add_member(tar, name.decode(), data)
+    assert ours["a"] == theirs.getvalue()
+
+
+def test_tar_headers_column_wise_equal_one_by_one():
+    names = [b"a.jpg", b"k" * 100, b"x-1.json", b""]
+    sizes = [0, 8**11 - 1, 35_000, 512]
+    assert tar_headers(names, sizes) == [tar_header(n, s) for n, s in zip(names, sizes)]
+    with pytest.raises(ValueError, match="needs a pax header"):
+        tar_headers([b"k" * 101], [1])
+
+
+def test_gather_file_writes_every_buffer_in_order_and_finishes_short_writes(tmp_path, monkeypatch):
+    parts = [bytes([i % 251]) * (i % 7) for i in range(3000)] + [memoryview(b"tail")]  # more buffers than one writev takes
+    with GatherFile(str(tmp_path / "a")) as f:
+        f.writev(parts)
+    assert (tmp_path / "a").read_bytes() == b"".join(parts)
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: real(fd, [bytes(b)[:3] for b in bufs[:1]]))  # 3 bytes per call at most
+    with GatherFile(str(tmp_path / "b")) as f:
+        f.write(b"0123456789")
+        f.writev([b"ab", b"cdef"])
+    assert (tmp_path / "b").read_bytes() == b"0123456789abcdef"
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    """Rows with scores as text, so NaN scores compare equal."""
+    return [dict(r, real_scores=[repr(x) for x in r["real_scores"]]) for r in table.to_pylist()]
+
+
+def _export(images, retrievals, captions, selections, batch_rows):
+    """ShardSamples over ``images`` in batches of ``batch_rows``: {split: (sizes, tars, parquet bytes, stats)}."""
+    samples = ShardSamples("s1", images.column("image_id"), retrievals, captions, selections)
+    files: dict = {}
+    outputs = {
+        split: SplitOutput(
+            lambda name, f=files: _Capture(f, name),
+            lambda i, split=split: f"{split}-s1-{i:06d}.tar",
+            (lambda split=split: _Capture(files, f"{split}.parquet")) if len(chosen) else None,
+            4,
+            StepStats(split),
+        )
+        for split, chosen in selections.items()
+    }
+    sizes = samples.write(images.to_batches(max_chunksize=batch_rows), outputs)
+    return {
+        split: (sizes[split], {k: v for k, v in files.items() if k.startswith(f"{split}-")}, files.get(f"{split}.parquet"), out.stats)
+        for split, out in outputs.items()
+    }
+
+
+def _reference(images, retrievals, captions, split, chosen):
+    """The same split through make_sample + write_webdataset / samples_to_parquet_table: (sizes, tars, table, stats)."""
+    files, stats = {}, StepStats("old")
+    ref = list(reference_samples("s1", images, retrievals, captions, chosen))
+    sizes = write_webdataset(
+        ref,
+        lambda name: _Capture(files, name),
+        samples_per_shard=4,
+        shard_pattern="{split}-s1-{index:06d}.tar",
+        split=split,
+        stats=stats,
+    )
+    return sizes, files, samples_to_parquet_table(ref), stats
+
+
+@pytest.mark.parametrize("ordered, batch_rows", [(True, 7), (True, 1000), (False, 1000)])
+def test_shard_samples_write_the_reference_samples_byte_for_byte(ordered, batch_rows):
+    images, retrievals, captions = _shard_tables("s1", 60, seed=1)
+    ids = images.column("image_id").to_pylist()
+    rng = np.random.default_rng(0)
+    big = rng.permutation(60)[:45]
+    selections = {"big": [ids[i] for i in (np.sort(big) if ordered else big)], "small": [ids[i] for i in range(0, 60, 4)], "none": []}
+    got = _export(images, retrievals, captions, {k: pa.array(v, pa.string()) for k, v in selections.items()}, batch_rows)
+    for split, chosen in selections.items():
+        sizes, tars, parquet, stats = got[split]
+        want_sizes, want_tars, want_table, want_stats = _reference(images, retrievals, captions, split, chosen)
+        assert sizes == want_sizes and tars == want_tars  # whole tars identical, byte for byte
+        assert stats.counts == want_stats.counts
+        if split == "big":
+            assert len(sizes) == 10 and sum(sizes.values()) == 38
+            assert want_stats.dropped == {"missing_image": 2, "missing_txt": 2, "undecodable_image": 3}
+            assert want_stats.counts["reencoded_jpeg"] == 8
+        if chosen:
+            table = pq.read_table(io.BytesIO(parquet))
+            assert table.schema == PARQUET_SCHEMA and _rows(table) == _rows(want_table)
+        else:
+            assert parquet is None and sizes == {}
+
+
+def test_shard_samples_stream_only_rows_in_image_order():
+    images, retrievals, captions = _shard_tables("s1", 12, seed=2)
+    ids = images.column("image_id").to_pylist()
+    samples = ShardSamples("s1", images.column("image_id"), retrievals, captions, {"a": [ids[3], ids[1]]})
+    assert not samples.ordered
+    out = {"a": SplitOutput(lambda name: io.BytesIO(), lambda i: f"a-{i}.tar", None)}
+    with pytest.raises(ValueError, match="not in ascending order: pass the whole image table as one batch"):
+        samples.write(images.to_batches(max_chunksize=5), out)
+    with pytest.raises(ValueError, match="the batches held 5 image rows, the shard has 12"):
+        ShardSamples("s1", images.column("image_id"), retrievals, captions, {"a": [ids[1]]}).write(images.slice(0, 5).to_batches(), out)
+
+
+def test_shard_samples_name_a_chosen_image_without_retrieval():
+    images, retrievals, captions = _shard_tables("s1", 6, seed=2)
+    ids = images.column("image_id")
+    with pytest.raises(ValueError, match="1 chosen images have no row in the retrievals"):
+        ShardSamples("s1", ids, retrievals.slice(1), captions, {"a": ids.to_pylist()})
+    with pytest.raises(ValueError, match="no row in the images: 'nope'"):
+        ShardSamples("s1", ids, retrievals, captions, {"a": ["nope"]})
+
+
+# -------------------------------------------------------------------------- stage: per shard + publish
+
+SPLITS = {"cap_a": 0.8, "cap_b": 0.3, "empty": 0.0}
+
+
+def _fixture_storage(root, shards: dict[str, int], seed: int = 0, ordered: bool = True) -> Storage:
+    storage = Storage(str(root))
+    rng = np.random.default_rng(seed)
+    retrievals = {}
+    for k, (shard, n) in enumerate(shards.items()):
+        images, retrievals[shard], captions = _shard_tables(shard, n, seed=k + 3)
+        with storage.writer(layout.FILTERED_IMAGES, shard) as w:
+            w.write_parquet(layout.IMAGES_FILE, images)
+        with storage.writer(layout.SYNTHETIC_CAPTIONS, shard) as w:
+            w.write_parquet(layout.CAPTIONS_FILE, captions)
+    write_retrievals(storage, retrievals)  # one global generation, a file per shard
+    _sample(storage, shards, rng, ordered)
+    return storage
+
+
+def _sample(storage: Storage, shards: dict[str, int], rng, ordered: bool = True) -> None:
+    """A sampled_splits generation; ``ordered``: every selection in image order, as the samplers write them."""
+    with storage.writer(layout.SAMPLED_SPLITS) as w:
+        for split, fraction in SPLITS.items():
+            for shard in shards:
+                ids = (
+                    storage.reader(layout.FILTERED_IMAGES, shard).read_parquet(layout.IMAGES_FILE, columns=["image_id"]).column("image_id")
+                )
+                keep = rng.permutation(len(ids))[: int(fraction * len(ids))]
+                keep = np.sort(keep) if ordered else keep
+                chosen = ids.take(pa.array(keep, pa.int64()))
+                w.write_parquet(
+                    layout.split_selection_file(split, shard), pa.table({"image_id": chosen, "cluster": pa.array(keep % 5, pa.int32())})
+                )
+        w.write_json(layout.SUMMARY_FILE, {split: {} for split in SPLITS})
+        w.commit(info={"shards": list(shards)})
+
+
+def _split_members(reader, split: str) -> list[tuple[str, bytes]]:
+    sizes = reader.read_json(f"{split}/{layout.SIZES_FILE}")
+    out = []
+    for name, n in sizes.items():
+        members = _members(reader.read_bytes(f"{split}/{name}"))
+        assert len(members) == 3 * n
+        out += members
+    return out
+
+
+SHARDS = {"a-0": 40, "b-1": 23, "c.2": 9}
+
+
+@pytest.mark.parametrize("ordered, batch_rows", [(True, 7), (False, 256)])  # streamed in batches, or one batch
+def test_per_shard_export_and_publish_match_the_old_single_process_export(tmp_path, monkeypatch, ordered, batch_rows):
+    monkeypatch.setattr(export_stage, "IMAGE_BATCH_ROWS", batch_rows)
+    storage = _fixture_storage(tmp_path / "store", SHARDS, ordered=ordered)
+    old = export_stage.export_splits_single_process(storage, list(SHARDS), samples_per_shard=5, asset="old_export")
+    shard_stats = {s: export_stage.export_shard(storage, s, samples_per_shard=5) for s in SHARDS}
+    published = export_stage.publish_splits(storage, list(SHARDS))
+    new_reader, old_reader = storage.reader(layout.EXPORTED_SPLITS), storage.reader("old_export")
+    for split in SPLITS:
+        # the same samples (every member, byte for byte), shard after shard, in the same order within each shard
+        assert _split_members(new_reader, split) == _split_members(old_reader, split)
+        sizes = new_reader.read_json(f"{split}/sizes.json")
+        assert sum(sizes.values()) == sum(old_reader.read_json(f"{split}/sizes.json").values()) == published[split].counts["rows_out"]
+        for shard in SHARDS:
+            own = {k: v for k, v in sizes.items() if k.startswith(f"{split}-{shard}-")}
+            per_shard = storage.reader(layout.EXPORTED_SHARDS, shard).read_json(f"{split}/sizes.json")
+            assert own == per_shard and list(own) == [f"{split}-{shard}-{i:06d}.tar" for i in range(len(own))]
+            assert all(n == 5 for n in list(own.values())[:-1])
+            name = f"{split}/parquet/{shard}.parquet"
+            assert new_reader.has(name) == old_reader.has(name)
+            if old_reader.has(name):
+                assert _rows(new_reader.read_parquet(name)) == _rows(old_reader.read_parquet(name))
+        assert new_reader.read_bytes(f"{split}/train_data.txt").decode() == "::".join(new_reader.uri(f"{split}/{n}") for n in sizes)
+        tar_counts = ("tar_shards", "source_shards", "shards_written")  # tars are cut per shard now, across shards before
+        assert {k: v for k, v in published[split].counts.items() if k not in tar_counts} == {
+            k: v for k, v in old[split].counts.items() if k not in tar_counts
+        }
+        assert published[split].counts["source_shards"] == sum(1 for s in SHARDS if shard_stats[s][split].counts["rows_out"])
+    assert [published[s].counts["rows_out"] for s in SPLITS] == [46, 17, 0]
+    assert published["cap_a"].counts["tar_shards"] == 10  # per shard: ceil(27/5) + ceil(14/5) + ceil(5/5)
+    assert new_reader.read_json("summary.json")["cap_a"]["rows_out"] == 46
+
+
+def test_published_split_reads_like_open_clip_and_survives_a_shard_reexport(tmp_path):
+    import webdataset as wds
+
+    storage = _fixture_storage(tmp_path / "store", SHARDS)
+    for s in SHARDS:
+        export_stage.export_shard(storage, s, samples_per_shard=4)
+    export_stage.publish_splits(storage, list(SHARDS))
+    reader = storage.reader(layout.EXPORTED_SPLITS)
+    urls = reader.read_bytes("cap_b/train_data.txt").decode().split("::")
+    # open_clip_train.data.get_dataset_size: sizes.json in the folder of the shards, looked up by basename
+    sizes = json.loads((tmp_path / os.path.dirname(urls[0]) / "sizes.json").read_text())
+    assert sum(sizes[os.path.basename(u)] for u in urls) == 17
+    # a shard exported again replaces its own generation; the published split keeps its copies
+    export_stage.export_shard(storage, "a-0", samples_per_shard=4)
+    pairs = list(
+        wds.WebDataset(urls, shardshuffle=False).decode("pilrgb").rename(image="jpg;png;webp", text="txt").to_tuple("image", "text")
+    )
+    assert len(pairs) == 17 and all(img.mode == "RGB" and text.strip() for img, text in pairs)
+
+
+def test_publish_refuses_shards_exported_from_an_older_sampling(tmp_path):
+    storage = _fixture_storage(tmp_path / "store", SHARDS)
+    for s in SHARDS:
+        export_stage.export_shard(storage, s)
+    _sample(storage, SHARDS, np.random.default_rng(1))  # a new sampled_splits generation
+    export_stage.export_shard(storage, "b-1")
+    with pytest.raises(export_stage.StaleExportError, match="2 of 3 shards were exported from an older sampled_splits: a-0, c.2"):
+        export_stage.publish_splits(storage, list(SHARDS))
+    for s in ("a-0", "c.2"):
+        export_stage.export_shard(storage, s)
+    published = export_stage.publish_splits(storage, list(SHARDS))
+    assert [published[s].counts["rows_out"] for s in SPLITS] == [46, 14, 0]  # the new sampling's (the first gave 46, 17, 0)
+
+
+def test_export_shard_refuses_a_shard_sampling_did_not_cover(tmp_path):
+    storage = _fixture_storage(tmp_path / "store", SHARDS)
+    with pytest.raises(ValueError, match="sampled_splits does not cover shard 'zzz'"):
+        export_stage.export_shard(storage, "zzz")

@@ -179,6 +179,118 @@ def test_cache_from_table_later_rows_win_and_missing_columns_error():
         CaptionCache.from_table(pa.table({"image_id": ["x"]}))
 
 
+def _cache_rows(pairs):
+    cache = CaptionCache()
+    for image_id, caption in pairs:
+        cache.put(image_id, "sha", caption, "m")
+    return cache
+
+
+def test_cache_store_appends_parts_and_later_parts_win(tmp_path):
+    import pyarrow.parquet as pq
+
+    from realsyn.generation.cache import CaptionCacheStore
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    store = CaptionCacheStore(storage, "s1")
+    assert store.load().to_table().num_rows == 0 and store.parts() == []
+    cache = store.load()
+    cache.put("a", "sha", "first a", "m")
+    cache.put("b", "sha", "b", "m")
+    assert store.append(cache) == 2
+    cache.put("a", "sha", "second a", "m")
+    assert store.append(cache) == 1  # only what is new: a part never repeats older rows
+    assert store.append(cache) == 0 and store.parts() == [0, 1]
+    part1 = storage.read_file("_cache/synthetic_captions/s1/part-000001.parquet")
+    assert pq.read_table(pa.BufferReader(part1)).num_rows == 1
+    reloaded = CaptionCacheStore(storage, "s1").load()
+    assert (reloaded.get("a", "sha"), reloaded.get("b", "sha"), len(reloaded)) == ("second a", "b", 2)
+    assert reloaded.take_new().num_rows == 0  # loaded rows are not new
+    # A second store continues the numbering after the stored parts.
+    again = CaptionCacheStore(storage, "s1")
+    more = again.load()
+    more.put("c", "sha", "c", "m")
+    again.append(more)
+    assert again.parts() == [0, 1, 2]
+
+
+def test_cache_store_compacts_past_max_parts_and_reads_the_legacy_file(tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+
+    from realsyn.generation.cache import CaptionCacheStore
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    legacy = io.BytesIO()
+    pq.write_table(_cache_rows([("old", "from the single-file cache"), ("a", "legacy a")]).to_table(), legacy)
+    storage.write_file("_cache/synthetic_captions/s1.parquet", legacy.getvalue())
+    store = CaptionCacheStore(storage, "s1", max_parts=3)
+    cache = store.load()
+    assert cache.get("a", "sha") == "legacy a"
+    for i in range(3):
+        cache.put(f"x{i}", "sha", f"x{i}", "m")
+        cache.put("a", "sha", f"a{i}", "m")
+        store.append(cache)
+    assert store.parts() == [0, 1, 2] and storage.exists("_cache/synthetic_captions/s1.parquet")
+    cache.put("x3", "sha", "x3", "m")
+    store.append(cache)  # a fourth part: more than max_parts, so everything is merged into one
+    assert store.parts() == [4] and not storage.exists("_cache/synthetic_captions/s1.parquet")
+    merged = CaptionCacheStore(storage, "s1").load()
+    assert len(merged) == 6 and merged.get("a", "sha") == "a2" and merged.get("old", "sha") == "from the single-file cache"
+    # A crash after writing the merged part but before deleting the parts it replaces loads the same.
+    cache.put("y", "sha", "y", "m")
+    store.append(cache)
+    before = CaptionCacheStore(storage, "s1").load().to_table().sort_by("image_id")
+    store._write_part(CaptionCacheStore(storage, "s1").load().to_table())
+    assert store.parts() == [4, 5, 6]
+    assert CaptionCacheStore(storage, "s1").load().to_table().sort_by("image_id").equals(before)
+    store.compact()
+    assert store.parts() == [7] and CaptionCacheStore(storage, "s1").load().to_table().sort_by("image_id").equals(before)
+
+
+def test_generate_captions_appends_only_new_captions_and_retries_empty_ones(tmp_path):
+    import pyarrow.parquet as pq
+
+    from realsyn import layout
+    from realsyn.generation.cache import CaptionCacheStore
+    from realsyn.stages.caption import generate_captions
+    from realsyn.stages.common import write_retrievals
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    texts = [[f"sentence number {i}"] for i in range(20)]
+    texts[5] = ["nothing useful"]
+    write_retrievals(
+        storage,
+        {
+            "s1":            pa.table(
+                {
+                    "image_id": [f"img{i}" for i in range(20)],
+                    "sentence_ids": [[f"s{i}"] for i in range(20)],
+                    "texts": texts,
+                    "scores": pa.array([[1.0]] * 20, pa.list_(pa.float32())),
+                },
+                schema=layout.RETRIEVAL_SCHEMA,
+            ),
+        },
+    )
+    stats = generate_captions(storage, "s1", CountingBackend(empty_for="nothing useful"), batch_size=2)
+    assert (stats.counts["generated"], stats.counts["cached"]) == (20, 0)
+    store = CaptionCacheStore(storage, "s1")
+    assert store.parts() == [0, 1, 2]  # one part per batch of 8 prompts, none rewritten
+    sizes = [pq.read_table(pa.BufferReader(storage.read_file(store.part_rel(n)))).num_rows for n in store.parts()]
+    assert sizes == [7, 8, 4]  # the empty caption (img5, first batch) is not cached
+    backend = CountingBackend()
+    stats = generate_captions(storage, "s1", backend, batch_size=2)
+    assert (stats.counts["generated"], stats.counts["cached"]) == (1, 19) and backend.batches == [1]  # only the empty one again
+    assert store.parts() == [0, 1, 2, 3]
+    stats = generate_captions(storage, "s1", CountingBackend(), batch_size=2)
+    assert (stats.counts["generated"], stats.counts["cached"]) == (0, 20) and store.parts() == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------- tagging
 
 

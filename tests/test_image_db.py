@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from realsyn.fetch_policy import FetchPolicy
 from realsyn.image_db import (
     IMAGE_DB_SCHEMA,
     SENTENCE_DB_SCHEMA,
@@ -103,6 +104,9 @@ def _no_proxy(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+LOOPBACK = FetchPolicy(allowed_networks=["127.0.0.1/32"])  # the test server's one address, opted in
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,7 +120,7 @@ def _reason(fetcher, ref) -> str:
 
 
 def test_fetch_http(server):
-    fetcher = ImageFetcher(timeout_s=0.5, max_bytes=1000, retries=0)
+    fetcher = ImageFetcher(timeout_s=0.5, max_bytes=1000, retries=0, policy=LOOPBACK)
     assert fetcher.fetch(f"{server}/img.png") == PNG
     assert _reason(fetcher, f"{server}/missing.jpg") == "http_404"
     assert _reason(fetcher, f"{server}/big") == "too_large"
@@ -128,7 +132,7 @@ def test_fetch_http(server):
 
 
 def test_fetch_http_total_deadline_for_slow_drip(server):
-    fetcher = ImageFetcher(timeout_s=0.5, max_bytes=1000, retries=0, total_timeout_s=0.6)
+    fetcher = ImageFetcher(timeout_s=0.5, max_bytes=1000, retries=0, total_timeout_s=0.6, policy=LOOPBACK)
     started = time.monotonic()
     assert _reason(fetcher, f"{server}/drip") == "timeout"
     assert time.monotonic() - started < 1.5
@@ -136,16 +140,16 @@ def test_fetch_http_total_deadline_for_slow_drip(server):
 
 def test_fetch_http_retries_transient_errors_only(server):
     _Handler.hits.clear()
-    assert _reason(ImageFetcher(retries=0), f"{server}/flaky") == "http_503"
+    assert _reason(ImageFetcher(retries=0, policy=LOOPBACK), f"{server}/flaky") == "http_503"
     _Handler.hits.clear()
-    assert ImageFetcher(retries=1).fetch(f"{server}/flaky") == JPEG
+    assert ImageFetcher(retries=1, policy=LOOPBACK).fetch(f"{server}/flaky") == JPEG
     assert _Handler.hits["/flaky"] == 2
-    assert _reason(ImageFetcher(retries=3), f"{server}/gone") == "http_404"
+    assert _reason(ImageFetcher(retries=3, policy=LOOPBACK), f"{server}/gone") == "http_404"
     assert _Handler.hits["/gone"] == 1  # a 404 is not retried
 
 
 def test_fetch_inline_local_and_data_uri(tmp_path):
-    fetcher = ImageFetcher(max_bytes=1000)
+    fetcher = ImageFetcher(max_bytes=1000, policy=FetchPolicy.for_input(str(tmp_path)))
     assert fetcher.fetch(PNG) == PNG
     assert fetcher.fetch(bytearray(PNG)) == PNG
     assert _reason(fetcher, b"x" * 1001) == "too_large"
@@ -160,7 +164,7 @@ def test_fetch_inline_local_and_data_uri(tmp_path):
     assert fetcher.fetch("data:image/png;base64," + base64.b64encode(PNG).decode()) == PNG
     assert _reason(fetcher, "data:image/png;base64,@@@") == "bad_data_uri"
     assert _reason(fetcher, "data:text/plain,hello") == "bad_data_uri"
-    assert _reason(fetcher, "ftp://127.0.0.1/a.png") == "unsupported_scheme"
+    assert _reason(fetcher, "ftp://127.0.0.1/a.png") == "refused_scheme"
     assert _reason(fetcher, "   ") == "no_reference"
 
 
@@ -169,7 +173,7 @@ def test_fetch_s3():
         import s3fs
 
         s3fs.S3FileSystem().pipe_file("imgs/a/b.png", PNG)
-        fetcher = ImageFetcher()
+        fetcher = ImageFetcher(policy=FetchPolicy.for_input("s3://imgs/a"))
         assert fetcher.fetch("s3://imgs/a/b.png") == PNG
         assert _reason(fetcher, "s3://imgs/a/missing.png") == "not_found"
 
@@ -191,7 +195,7 @@ def test_probe_image_rejects_undecodable(data):
 
 def test_probe_image_guards_against_decompression_bombs():
     assert probe_image(PNG, max_pixels=120 * 80) == (120, 80, "png")
-    with pytest.raises(UndecodableImageError, match="decompression_bomb"):
+    with pytest.raises(UndecodableImageError, match="too_many_pixels"):
         probe_image(PNG, max_pixels=120 * 80 - 1)
 
 
@@ -204,16 +208,17 @@ def test_build_image_table(server, tmp_path):
         Document("d3", [b"garbage", f"{server}/missing.jpg", str(local)], [None, None, None], {}),
     ]
     expected = [
-        ("d1#1", "d1", 1, "inline", "ok", 120, 80, "png", hashlib.sha256(PNG).hexdigest()),
-        ("d1#3", "d1", 3, f"{server}/img.png", "ok", 120, 80, "png", hashlib.sha256(PNG).hexdigest()),
-        ("d3#0", "d3", 0, "inline", "undecodable", None, None, None, hashlib.sha256(b"garbage").hexdigest()),
-        ("d3#1", "d3", 1, f"{server}/missing.jpg", "fetch_failed", None, None, None, None),
-        ("d3#2", "d3", 2, str(local), "ok", 33, 17, "webp", hashlib.sha256(WEBP).hexdigest()),
+        ("part-0/d1#1", "d1", 1, "inline", "ok", 120, 80, "png", hashlib.sha256(PNG).hexdigest()),
+        ("part-0/d1#3", "d1", 3, f"{server}/img.png", "ok", 120, 80, "png", hashlib.sha256(PNG).hexdigest()),
+        ("part-0/d3#0", "d3", 0, "inline", "undecodable", None, None, None, hashlib.sha256(b"garbage").hexdigest()),
+        ("part-0/d3#1", "d3", 1, f"{server}/missing.jpg", "fetch_failed", None, None, None, None),
+        ("part-0/d3#2", "d3", 2, str(local), "ok", 33, 17, "webp", hashlib.sha256(WEBP).hexdigest()),
     ]
     tables = []
     for workers in (1, 4):
         stats = StepStats("image_db")
-        table = build_image_table(iter(docs), "part-0", ImageFetcher(timeout_s=2, retries=0), stats, workers=workers)
+        fetcher = ImageFetcher(timeout_s=2, retries=0, policy=FetchPolicy.for_input(str(tmp_path), allowed_networks=["127.0.0.1/32"]))
+        table = build_image_table(iter(docs), "part-0", fetcher, stats, workers=workers)
         assert table.schema == IMAGE_DB_SCHEMA
         rows = table.to_pylist()
         got = [
@@ -252,10 +257,17 @@ def test_build_sentence_table():
     table = build_sentence_table(docs, "part-9", SentenceSplitter(), stats)
     assert table.schema == SENTENCE_DB_SCHEMA
     assert table.to_pylist() == [
-        {"sentence_id": "d1#0.0", "shard": "part-9", "doc_id": "d1", "position": 0, "sentence_index": 0, "text": "Dr. Lee met Mr. Park."},
-        {"sentence_id": "d1#0.1", "shard": "part-9", "doc_id": "d1", "position": 0, "sentence_index": 1, "text": "They spoke."},
         {
-            "sentence_id": "d2#0.0",
+            "sentence_id": "part-9/d1#0.0",
+            "shard": "part-9",
+            "doc_id": "d1",
+            "position": 0,
+            "sentence_index": 0,
+            "text": "Dr. Lee met Mr. Park.",
+        },
+        {"sentence_id": "part-9/d1#0.1", "shard": "part-9", "doc_id": "d1", "position": 0, "sentence_index": 1, "text": "They spoke."},
+        {
+            "sentence_id": "part-9/d2#0.0",
             "shard": "part-9",
             "doc_id": "d2",
             "position": 0,
@@ -270,6 +282,7 @@ def test_build_sentence_table():
 def test_image_fetcher_pickles_for_process_pools():
     import pickle
 
-    fetcher = pickle.loads(pickle.dumps(ImageFetcher(timeout_s=3, max_bytes=10)))
-    assert (fetcher.timeout_s, fetcher.max_bytes) == (3.0, 10)
+    fetcher = pickle.loads(pickle.dumps(ImageFetcher(timeout_s=3, max_bytes=10, policy=LOOPBACK, max_pixels=99)))
+    assert (fetcher.timeout_s, fetcher.max_bytes, fetcher.policy, fetcher.max_pixels) == (3.0, 10, LOOPBACK, 99)
+    assert fetcher.policy.address_verdict(__import__("ipaddress").ip_address("127.0.0.1")) is None
     assert _reason(fetcher, b"x" * 11) == "too_large"

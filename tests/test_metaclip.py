@@ -164,6 +164,92 @@ def test_batch_with_separator_in_every_text_falls_back_exactly():
     assert m.match_batch(texts) == [[0, 4], [], [], [11]]
 
 
+TRICKY_META = [
+    "dog",
+    "hot dog",
+    " dog",  # leading space: key "  dog "
+    "dog ",
+    "",  # key "  ": two spaces in a row
+    "a  b",  # inner double space
+    "new york city",
+    "new york",
+    "é",
+    "😀 x",
+    "\ud800",  # a lone surrogate
+    "x,y",  # an unwrapped comma: can never match
+    "?",
+    "dog",  # duplicate: the last position wins
+    "one two three four five six",
+]
+
+
+def _tricky_texts(n, seed):
+    rng = random.Random(seed)
+    words = [
+        "dog",
+        "hot",
+        "new",
+        "york",
+        "city",
+        "new york city",
+        "a",
+        "a  b",
+        "x",
+        "y",
+        "é",
+        "😀",
+        "\ud800",
+        "one two three four five six",
+    ]
+    marks = [" ", " ", " ", "  ", "   ", ",", ".", "?", "\t", "\n", "-", "\x01", "\x00"]
+    return ["".join(rng.choice(words) + rng.choice(marks) for _ in range(rng.randint(0, 12))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("chunk_size, max_chunk_bytes", [(4096, 1 << 22), (7, 40), (1, 1)])
+def test_matcher_equals_oracle_on_tricky_entries_and_chunkings(chunk_size, max_chunk_bytes):
+    texts = _tricky_texts(400, seed=chunk_size)
+    m = MetaClipMatcher(TRICKY_META, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes)
+    expected = [oracle(TRICKY_META, t) for t in texts]
+    assert m.match_batch(texts) == expected
+    assert [m.match(t) for t in texts[:50]] == expected[:50]
+    assert sum(map(len, expected)) > 400 and {2, 3, 4, 5, 6, 13, 14} <= {i for e in expected for i in e}
+
+
+def test_a_hash_hit_is_a_match_only_if_its_bytes_equal_the_entry(monkeypatch):
+    m = MetaClipMatcher(META)
+    cat = (META.index("cat") + 1) * 2
+    real_lookup = m._index._lookup
+    # Every substring between two spaces that is no entry now "hashes" to "cat": only real cats survive the byte check.
+    monkeypatch.setattr(
+        m._index, "_lookup", lambda hashes: np.where(real_lookup(hashes) >= 2, real_lookup(hashes), real_lookup(hashes) | cat)
+    )
+    assert m.match_batch(["a dog", "cat", "a cot", "cats", "dog, cat"]) == [[0], [4], [], [], [0, 4]]
+
+
+def test_a_base_under_which_two_entries_share_a_hash_is_never_used(monkeypatch):
+    from realsyn.curation import metaclip
+
+    real = metaclip._KeyIndex._space_led_hashes
+    bases = []
+
+    def colliding_first(self, prefix, start, end):
+        bases.append(int(self._base))
+        hashes = real(self, prefix, start, end)
+        return hashes * 0 + hashes[0] if len(bases) == 1 else hashes  # the first base: every string collides
+
+    monkeypatch.setattr(metaclip._KeyIndex, "_space_led_hashes", colliding_first)
+    m = MetaClipMatcher(META)
+    assert bases == list(metaclip._BASES[:2])
+    texts = _random_texts(200, seed=5)
+    assert m.match_batch(texts) == [oracle(META, t) for t in texts]
+
+
+def test_long_texts_and_many_spaces():
+    m = MetaClipMatcher(META, chunk_size=3, max_chunk_bytes=64)
+    texts = ["dog " * 5000 + "new york city", " " * 300, "hot dog" + "\n" * 100 + "cat", ""]
+    assert m.match_batch(texts) == [oracle(META, t) for t in texts] == [[0, 6, 7, 8], [], [0, 2, 4], []]
+
+
 def test_load_metadata(tmp_path):
     path = tmp_path / "meta.json"
     path.write_text(json.dumps(META))
@@ -482,6 +568,38 @@ def test_sampler_head_balancing_is_hash_based_and_batch_independent(tmp_path):
     assert 200 <= int(whole[: n - 10].sum()) <= 400  # Binomial(2990, 300/2990)
     other_epoch = MetaClipSampler(str(meta), t=300, seed=5, text_columns=("real_texts",), epoch=1)
     assert not np.array_equal(other_epoch.select(table, state), whole)
+
+
+def test_sampler_reasons_reuse_the_fitted_matches_in_fitting_order(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(META))
+    b1 = _candidates(["i0", "i1", "i2", None], [["a dog", "a cat"], [], None, ["dog"]], ["hot dog", "nothing", None, "cat"])
+    b2 = _candidates(["i3", "i4"], [["York"], ["new york"]], ["new york", "a b"])
+    b3 = _candidates([], [], [])
+    fresh = MetaClipSampler(str(meta), t=1, seed=3)
+    state = fresh.fit([b1, b2, b3])
+    expected = [MetaClipSampler(str(meta), t=1, seed=3).reasons(b, state) for b in (b1, b2, b3)]  # matched afresh
+    calls = []
+    sampler = MetaClipSampler(str(meta), t=1, seed=3)
+    real = sampler.row_matches
+    sampler.row_matches = lambda batch: calls.append(batch.num_rows) or real(batch)
+    fitted_state = sampler.fit([b1, b2, b3])
+    assert calls == [4, 2, 0]
+    assert [sampler.reasons(b, fitted_state) for b in (b1, b2, b3)] == expected
+    assert calls == [4, 2, 0] and "rematched_rows" not in sampler.stats.counts  # no text matched twice
+    assert sampler.reasons(b1, fitted_state) == expected[0] and calls[-1] == 4  # past the fitted batches: matched afresh
+
+    # Out of order, another state, or the same ids with other texts: matched afresh, same answers.
+    state = sampler.fit([b1, b2])
+    assert sampler.reasons(b2, state) == expected[1] and sampler.reasons(b1, state) == expected[0]
+    state = sampler.fit([b1, b2])
+    assert sampler.reasons(b1, dict(state)) == expected[0]
+    state = sampler.fit([b1])
+    other_texts = b1.set_column(3, "synthetic_caption", pa.array(["a cat", "dog", "dog", "cat"]))
+    calls.clear()
+    got = sampler.reasons(other_texts, state)
+    assert calls == [4] and got == MetaClipSampler(str(meta), t=1, seed=3).reasons(other_texts, state)
+    assert sampler.stats.counts["rematched_rows"] > 0
 
 
 def test_realsyn_cli_writes_gzipped_matches_and_exits_2_on_bad_input(tmp_path, capsys):

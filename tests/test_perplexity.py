@@ -272,3 +272,58 @@ def test_tie_break_keys_are_fixed_per_id():
     assert keys[3] == keys[4]
     # Pinned values (blake2b, 4 bytes, little endian): stored states must stay valid across versions.
     assert keys[0] == 421391537 and keys[2] == 162736822
+
+
+# ---- stage: each distinct text of a shard is scored once -----------------------------------------
+
+
+class _CountingScorer:
+    model_id = "counting"
+
+    def __init__(self):
+        self.calls: list[list] = []
+
+    def score(self, texts):
+        self.calls.append(list(texts))
+        return np.array([float(len(t)) + 0.5 if t else np.nan for t in texts], dtype=np.float32)
+
+
+def test_stage_scores_each_distinct_text_once_and_broadcasts(tmp_path):
+    from realsyn import layout
+    from realsyn.stages.filter import score_sentence_perplexity
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    texts = ["A dog runs.", "A cat sits.", "A dog runs.", "", "A dog runs.", "A cat sits.", "Birds."]
+    table = pa.table({"sentence_id": [f"s{i}" for i in range(7)], "text": texts})
+    with storage.writer(layout.SENTENCE_CANDIDATES, "a") as w:
+        w.write_parquet(layout.SENTENCES_FILE, table)
+    scorer = _CountingScorer()
+    stats = score_sentence_perplexity(storage, "a", scorer)
+    assert scorer.calls == [["A dog runs.", "A cat sits.", "", "Birds."]]  # first-occurrence order
+    out = storage.reader(layout.SENTENCE_PERPLEXITY, "a").read_parquet(layout.SENTENCES_FILE)
+    assert out.column_names == ["sentence_id", "text", "perplexity", "perplexity_model"]
+    assert out.select(["sentence_id", "text"]).equals(table)
+    # the same scores as scoring every row
+    np.testing.assert_array_equal(out.column("perplexity").to_numpy(), _CountingScorer().score(texts))
+    assert out.column("perplexity_model").to_pylist() == ["counting"] * 7
+    assert stats.as_dict()["rows_scored"] == 4 and stats.as_dict()["duplicates_not_rescored"] == 3
+    stats = score_sentence_perplexity(storage, "a", None)
+    assert stats.as_dict()["rows_scored"] == 0
+    stored = storage.reader(layout.SENTENCE_PERPLEXITY, "a").read_parquet(layout.SENTENCES_FILE)
+    assert np.isnan(stored.column("perplexity").to_numpy()).all()
+
+
+def test_stage_scores_with_the_real_scorer_match_row_by_row(tmp_path, scorer):
+    from realsyn import layout
+    from realsyn.stages.filter import score_sentence_perplexity
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    texts = FLUENT[:4] + FLUENT[:2] + SHUFFLED[:2] + SHUFFLED[:1]
+    with storage.writer(layout.SENTENCE_CANDIDATES, "a") as w:
+        w.write_parquet(layout.SENTENCES_FILE, pa.table({"sentence_id": [str(i) for i in range(len(texts))], "text": texts}))
+    stats = score_sentence_perplexity(storage, "a", scorer)
+    got = storage.reader(layout.SENTENCE_PERPLEXITY, "a").read_parquet(layout.SENTENCES_FILE).column("perplexity").to_numpy()
+    np.testing.assert_allclose(got, scorer.score(texts), rtol=1e-4)  # batches differ, so float noise only
+    assert stats.as_dict()["rows_scored"] == 6 and stats.as_dict()["duplicates_not_rescored"] == 3

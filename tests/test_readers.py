@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from realsyn.image_db import ImageFetcher, build_image_table, build_sentence_table
+from realsyn.image_db import FetchPolicy, ImageFetcher, build_image_table, build_sentence_table
 from realsyn.plugins import PluginConfigError, build_plugin, plugin_class
 from realsyn.plugins.kinds import InputReader
 from realsyn.readers import Document
@@ -263,8 +263,9 @@ TWIN_OBELICS = {
 }
 
 
-def _db_rows(doc):
-    images = build_image_table([doc], "twin", ImageFetcher(timeout_s=2.0, retries=0), StepStats("i"), workers=1).to_pylist()
+def _db_rows(doc, root):
+    fetcher = ImageFetcher(timeout_s=2.0, retries=0, policy=FetchPolicy(local_roots=(str(root),)))  # local files of the corpus
+    images = build_image_table([doc], "twin", fetcher, StepStats("i"), workers=1).to_pylist()
     sentences = build_sentence_table([doc], "twin", SentenceSplitter(), StepStats("s")).to_pylist()
     return images, sentences
 
@@ -277,19 +278,19 @@ def test_mmc4_document_equals_its_obelics_twin_and_gives_the_same_db_rows(tmp_pa
     assert mmc4_doc.doc_id == "https://example.org/twin" and mmc4_doc.metadata == {"url": "https://example.org/twin", "source": "web"}
     assert mmc4_doc.images[1] == os.path.join(tmp_path, "files/f.png")
 
-    images, sentences = _db_rows(mmc4_doc)
-    assert (images, sentences) == _db_rows(obelics_doc)
+    images, sentences = _db_rows(mmc4_doc, tmp_path)
+    assert (images, sentences) == _db_rows(obelics_doc, tmp_path)
     assert [(r["image_id"], r["position"], r["source"], r["status"], r["width"], r["height"], r["format"]) for r in images] == [
-        ("https://example.org/twin#0", 0, "inline", "ok", 64, 120, "jpeg"),
-        ("https://example.org/twin#1", 1, os.path.join(tmp_path, "files/f.png"), "ok", 50, 40, "png"),
-        ("https://example.org/twin#4", 4, "inline", "ok", 96, 64, "png"),
-        ("https://example.org/twin#6", 6, "http://127.0.0.1:1/x.jpg", "fetch_failed", None, None, None),
+        ("twin/https://example.org/twin#0", 0, "inline", "ok", 64, 120, "jpeg"),
+        ("twin/https://example.org/twin#1", 1, os.path.join(tmp_path, "files/f.png"), "ok", 50, 40, "png"),
+        ("twin/https://example.org/twin#4", 4, "inline", "ok", 96, 64, "png"),
+        ("twin/https://example.org/twin#6", 6, "http://127.0.0.1:1/x.jpg", "fetch_refused", None, None, None),  # loopback: default deny
     ]
     assert [(r["sentence_id"], r["position"], r["text"]) for r in sentences] == [
-        ("https://example.org/twin#2.0", 2, "First paragraph."),
-        ("https://example.org/twin#2.1", 2, "Two sentences."),
-        ("https://example.org/twin#3.0", 3, "Second paragraph."),
-        ("https://example.org/twin#5.0", 5, "Third one here."),
+        ("twin/https://example.org/twin#2.0", 2, "First paragraph."),
+        ("twin/https://example.org/twin#2.1", 2, "Two sentences."),
+        ("twin/https://example.org/twin#3.0", 3, "Second paragraph."),
+        ("twin/https://example.org/twin#5.0", 5, "Third one here."),
     ]
 
     # Raw bytes on both sides: MMC4 base64 in JSONL, OBELICS a binary image column in Parquet.
@@ -304,10 +305,10 @@ def test_mmc4_document_equals_its_obelics_twin_and_gives_the_same_db_rows(tmp_pa
     pq.write_table(pa.Table.from_pylist([raw_obelics], schema=schema), tmp_path / "raw-o.parquet")
     (raw_obelics_doc,) = ObelicsReader().iter_documents(str(tmp_path / "raw-o.parquet"), StepStats("o"))
     assert raw_mmc4_doc == raw_obelics_doc and raw_mmc4_doc.images == [JPEG, None, None, PNG, None]
-    assert _db_rows(raw_mmc4_doc) == _db_rows(raw_obelics_doc)
+    assert _db_rows(raw_mmc4_doc, tmp_path) == _db_rows(raw_obelics_doc, tmp_path)
     # decoded bytes and data: URIs of the same images give the same image rows
     # decoded bytes and data: URIs of the same images give the same image content rows
     content = ("source", "image_bytes", "sha256", "width", "height", "format", "status")
-    assert [[r[k] for k in content] for r in _db_rows(raw_mmc4_doc)[0]] == [
+    assert [[r[k] for k in content] for r in _db_rows(raw_mmc4_doc, tmp_path)[0]] == [
         [r[k] for k in content] for r in images if r["source"] == "inline"
     ]

@@ -4,26 +4,35 @@ import numpy as np
 import pytest
 
 from realsyn import retrieval
-from realsyn.clustering import assign, cluster_order, train_kmeans
-from realsyn.retrieval import exact_search, hierarchical_search
+from realsyn.clustering import CentroidIndex, cluster_order, train_kmeans
+from realsyn.retrieval import BankLayout, _top_k_columns, cluster_ordered_search, exact_search
 from realsyn.runtime import l2_normalize
 
 
-class ClusterStore:
-    """Sentences laid out cluster by cluster (as on storage); counts loads per cluster."""
+class Bank:
+    """Sentences laid out cluster by cluster and cut into parts by cluster range (as sentence_clusters
+    writes them); ``ids`` maps a global bank row back to the sentence row; counts part loads."""
 
-    def __init__(self, sentence_emb: np.ndarray, centroids: np.ndarray):
+    def __init__(self, sentence_emb: np.ndarray, centroids: np.ndarray, n_parts: int = 1):
         self.centroids = centroids
-        cluster_ids = assign(sentence_emb, centroids, 1)[0][:, 0]
-        self.cluster_of = cluster_ids
-        order, self.offsets = cluster_order(cluster_ids, len(centroids))
-        self.row_ids, self.emb = order, sentence_emb[order]
+        k = len(centroids)
+        self.cluster_of_sentence = CentroidIndex(centroids).search(sentence_emb, 1)[0][:, 0]
+        order, offsets = cluster_order(self.cluster_of_sentence, k)
+        self.ids, self.emb = order, sentence_emb[order]
+        bounds = np.linspace(0, k, n_parts + 1).astype(np.int64)
+        part = np.searchsorted(bounds, np.arange(k), side="right") - 1
+        base = offsets[bounds[part]]
+        self.layout = BankLayout(part, offsets[:-1] - base, offsets[1:] - base)
+        self.parts = [self.emb[offsets[bounds[p]] : offsets[bounds[p + 1]]] for p in range(n_parts)]
         self.loads: Counter = Counter()
 
-    def load(self, c: int):
-        self.loads[c] += 1
-        s, e = self.offsets[c], self.offsets[c + 1]
-        return self.row_ids[s:e], self.emb[s:e]
+    def load(self, p: int) -> np.ndarray:
+        self.loads[p] += 1
+        return self.parts[p]
+
+    def search(self, images, n_probe: int, k: int, **kw):
+        res = cluster_ordered_search(images, self.centroids, self.layout, self.load, n_probe=n_probe, k=k, **kw)
+        return np.where(res.row_ids >= 0, self.ids[np.clip(res.row_ids, 0, None)], -1), res.scores, res
 
 
 def _random_unit(n: int, dim: int, seed: int) -> np.ndarray:
@@ -44,72 +53,79 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_probing_every_cluster_equals_exact_search(k):
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_probing_every_cluster_equals_exact_search(k, n_parts):
     sent, img = _random_unit(400, 16, 0), _random_unit(50, 16, 1)
-    store = ClusterStore(sent, train_kmeans(sent, 7, niter=10, seed=0, use_gpu="never"))
-    ids, scores = hierarchical_search(img, store.centroids, store.load, n_probe=7, k=k)
+    bank = Bank(sent, train_kmeans(sent, 7, niter=10, seed=0, use_gpu="never"), n_parts)
+    ids, scores, res = bank.search(img, n_probe=7, k=k)
     exact_ids, exact_scores = exact_search(img, sent, k)
-    assert ids.shape == (50, k) and ids.dtype == np.int64 and scores.dtype == np.float32
+    assert ids.shape == (50, k) and res.row_ids.dtype == np.int64 and scores.dtype == np.float32
     np.testing.assert_array_equal(ids, exact_ids)
-    np.testing.assert_array_equal(scores, exact_scores)
+    np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-5)
     assert (np.diff(scores, axis=1) <= 0).all()
-    assert dict(store.loads) == {c: 1 for c in range(7)}
+    # one pass over the bank: each part read once; every image meets every sentence exactly once
+    assert dict(bank.loads) == {p: 1 for p in range(n_parts)}
+    assert res.stats["distances"] == 50 * 400 and res.stats["pairs"] == 50 * 7 and res.stats["parts_loaded"] == n_parts
 
 
 def test_one_probe_finds_exact_neighbours_on_separated_blobs():
     sent, img = _blob_data()
-    store = ClusterStore(sent, train_kmeans(sent, 8, niter=20, seed=0, use_gpu="never"))
-    ids, scores = hierarchical_search(img, store.centroids, store.load, n_probe=1, k=3)
+    bank = Bank(sent, train_kmeans(sent, 8, niter=20, seed=0, use_gpu="never"))
+    ids, scores, res = bank.search(img, n_probe=1, k=3)
     exact_ids, exact_scores = exact_search(img, sent, 3)
-    assert _recall(ids, exact_ids) == 1.0
     np.testing.assert_array_equal(ids, exact_ids)
-    np.testing.assert_array_equal(scores, exact_scores)
+    np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-5)
+    # each image scores the sentences of its one probed cluster only
+    probed = CentroidIndex(bank.centroids).search(img, 1)[0][:, 0]
+    assert res.stats["distances"] == int(np.bincount(bank.cluster_of_sentence, minlength=8)[probed].sum()) < 60 * 320 / 2
 
 
 def test_one_probe_on_hard_data_stays_inside_probed_clusters():
     sent, img = _random_unit(600, 16, 2), _random_unit(80, 16, 3)
-    store = ClusterStore(sent, train_kmeans(sent, 12, niter=10, seed=0, use_gpu="never"))
-    for n_probe in (1, 2):
-        store.loads.clear()
-        ids, _ = hierarchical_search(img, store.centroids, store.load, n_probe=n_probe, k=3)
-        probed = assign(img, store.centroids, n_probe)[0]
+    bank = Bank(sent, train_kmeans(sent, 12, niter=10, seed=0, use_gpu="never"), n_parts=2)
+    exact_ids, _ = exact_search(img, sent, 3)
+    recalls = []
+    for n_probe in (1, 2, 4):
+        ids, _, res = bank.search(img, n_probe=n_probe, k=3)
+        probed = CentroidIndex(bank.centroids).search(img, n_probe)[0]
         assert (ids >= 0).all()
         for row, probes in zip(ids, probed):
-            assert set(store.cluster_of[row].tolist()) <= set(probes.tolist())
-        assert set(store.loads) == set(probed.ravel().tolist()) and max(store.loads.values()) == 1
-    exact_ids, _ = exact_search(img, sent, 3)
-    one_probe_ids, _ = hierarchical_search(img, store.centroids, store.load, n_probe=1, k=3)
-    recall_1 = _recall(one_probe_ids, exact_ids)
-    recall_4 = _recall(hierarchical_search(img, store.centroids, store.load, n_probe=4, k=3)[0], exact_ids)
-    assert 0.3 < recall_1 < 1.0 and recall_1 < recall_4 <= 1.0
+            assert set(bank.cluster_of_sentence[row].tolist()) <= set(probes.tolist())
+        sizes = np.bincount(bank.cluster_of_sentence, minlength=12)
+        assert res.stats["distances"] == int(sizes[probed].sum())
+        recalls.append(_recall(ids, exact_ids))
+    assert 0.3 < recalls[0] < recalls[1] < recalls[2] <= 1.0
 
 
 def test_padding_for_small_and_empty_clusters():
+    # cluster 0: rows 0, 1; cluster 1: empty; cluster 2: row 2 (global rows in bank order)
     centroids = np.eye(3, dtype=np.float32)
-    clusters = {
-        0: (np.array([10, 11], dtype=np.int64), np.array([[1, 0, 0], [0.8, 0.6, 0]], dtype=np.float32)),
-        1: (np.zeros(0, dtype=np.int64), np.zeros((0, 3), dtype=np.float32)),  # no sentences
-        2: (np.array([20], dtype=np.int64), np.array([[0, 0, 1]], dtype=np.float32)),
-    }
+    bank = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], dtype=np.float32)
+    layout = BankLayout([0, 0, 0], [0, 2, 2], [2, 2, 3])
     img = np.array([[1, 0, 0], [0, 1, 0], [0.6, 0.0, 0.8]], dtype=np.float32)
-    ids, scores = hierarchical_search(img, centroids, clusters.__getitem__, n_probe=1, k=3)
-    np.testing.assert_array_equal(ids, [[10, 11, -1], [-1, -1, -1], [20, -1, -1]])
-    np.testing.assert_allclose(scores, [[1.0, 0.8, -np.inf], [-np.inf] * 3, [0.8, -np.inf, -np.inf]], rtol=1e-6)
-    ids, scores = hierarchical_search(img, centroids, clusters.__getitem__, n_probe=3, k=3)
-    np.testing.assert_array_equal(ids, [[10, 11, 20], [11, 10, 20], [20, 10, 11]])
-    np.testing.assert_allclose(scores, [[1.0, 0.8, 0.0], [0.6, 0.0, 0.0], [0.8, 0.6, 0.48]], rtol=1e-6, atol=1e-7)
+    res = cluster_ordered_search(img, centroids, layout, [bank].__getitem__, n_probe=1, k=3, threads=1)
+    np.testing.assert_array_equal(res.row_ids, [[0, 1, -1], [-1, -1, -1], [2, -1, -1]])
+    np.testing.assert_allclose(res.scores, [[1.0, 0.8, -np.inf], [-np.inf] * 3, [0.8, -np.inf, -np.inf]], rtol=1e-6)
+    res = cluster_ordered_search(img, centroids, layout, [bank].__getitem__, n_probe=3, k=3, threads=1)
+    np.testing.assert_array_equal(res.row_ids, [[0, 1, 2], [1, 0, 2], [2, 0, 1]])
+    np.testing.assert_allclose(res.scores, [[1.0, 0.8, 0.0], [0.6, 0.0, 0.0], [0.8, 0.6, 0.48]], rtol=1e-6, atol=1e-7)
 
 
 def test_ties_are_broken_by_row_id_at_the_top_k_boundary():
-    # Eight identical sentences with scrambled row ids: the three smallest ids win, in order.
-    emb = np.tile(np.array([[0.6, 0.8]], dtype=np.float32), (8, 1))
-    row_ids = np.array([9, 3, 7, 12, 1, 5, 30, 4], dtype=np.int64)
-    img = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
-    ids, scores = hierarchical_search(img, np.array([[1.0, 0.0]], np.float32), lambda c: (row_ids, emb), n_probe=1, k=3)
-    np.testing.assert_array_equal(ids, [[1, 3, 4], [1, 3, 4]])
-    np.testing.assert_allclose(scores, [[0.6] * 3, [0.8] * 3], rtol=1e-6)
-    exact_ids, _ = exact_search(img, emb, 3)
-    np.testing.assert_array_equal(exact_ids, [[0, 1, 2], [0, 1, 2]])
+    # Eight identical sentences in one cluster, two in another: the three smallest row ids win, in order.
+    bank = np.tile(np.array([[0.6, 0.8]], dtype=np.float32), (10, 1))
+    layout = BankLayout([0, 0], [0, 8], [8, 10])
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], dtype=np.float32)
+    res = cluster_ordered_search(img, centroids, layout, [bank].__getitem__, n_probe=2, k=3)
+    np.testing.assert_array_equal(res.row_ids, [[0, 1, 2]] * 3)
+    np.testing.assert_allclose(res.scores[:2], [[0.6] * 3, [0.8] * 3], rtol=1e-6)
+    np.testing.assert_array_equal(exact_search(img, bank, 3)[0], [[0, 1, 2]] * 3)
+    # the selection itself: ties at the k-th score resolved by row, NaN counted as -inf
+    block = np.array([[0.5, 1.0], [0.9, np.nan], [0.9, 1.0], [0.9, 0.2], [0.1, 1.0], [0.9, 0.3]], np.float32)  # rows x pairs
+    rows, vals = _top_k_columns(block, 3)
+    np.testing.assert_array_equal(rows, [[1, 2, 3], [0, 2, 4]])
+    np.testing.assert_allclose(vals, [[0.9] * 3, [1.0] * 3])
 
 
 def test_exact_search_ranks_and_pads():
@@ -120,28 +136,72 @@ def test_exact_search_ranks_and_pads():
     assert np.isneginf(scores[0, 3:]).all()
 
 
-def test_non_finite_images_get_padding_and_empty_input_works():
+def test_non_finite_images_and_bank_rows_and_empty_input():
     sent, img = _blob_data(n_images=5)
     img[2, 0] = np.nan
-    store = ClusterStore(sent, train_kmeans(sent, 8, niter=10, seed=0, use_gpu="never"))
-    ids, scores = hierarchical_search(img, store.centroids, store.load, n_probe=1, k=3)
+    bank = Bank(sent, train_kmeans(sent, 8, niter=10, seed=0, use_gpu="never"))
+    ids, scores, res = bank.search(img, n_probe=1, k=3)
     assert ids[2].tolist() == [-1, -1, -1] and np.isneginf(scores[2]).all()
+    assert res.stats["images"] == 5 and res.stats["images_probing"] == 4
     good = [0, 1, 3, 4]
     np.testing.assert_array_equal(ids[good], exact_search(img[good], sent, 3)[0])
-    ids, scores = hierarchical_search(np.zeros((0, 16), np.float32), store.centroids, store.load, k=3)
-    assert ids.shape == (0, 3) and scores.shape == (0, 3)
-    with pytest.raises(ValueError):
-        hierarchical_search(img, store.centroids, lambda c: (np.arange(2), np.zeros((3, 16), np.float32)))
+    # a NaN bank row is never retrieved; the others still are
+    best = int(bank.search(img[:1], n_probe=1, k=1)[0][0, 0])
+    row = int(np.flatnonzero(bank.ids == best)[0])
+    bank.parts[0] = bank.parts[0].copy()
+    bank.parts[0][row, 0] = np.nan
+    ids, scores, _ = bank.search(img[:1], n_probe=1, k=3)
+    assert best not in ids[0].tolist() and np.isfinite(scores).all()
+    # nothing to search
+    _, _, res = bank.search(np.zeros((0, 16), np.float32), n_probe=1, k=3)
+    assert res.row_ids.shape == (0, 3) and res.scores.shape == (0, 3)
+    with pytest.raises(ValueError, match="clusters"):
+        cluster_ordered_search(img, bank.centroids[:5], bank.layout, bank.load)
+    with pytest.raises(ValueError, match="bank part 0"):
+        cluster_ordered_search(img[:2], bank.centroids, bank.layout, lambda p: np.zeros((3, 16), np.float32))
 
 
-def test_chunked_scoring_gives_the_same_result(monkeypatch):
-    sent, img = _random_unit(200, 8, 4), _random_unit(25, 8, 5)
-    expected = exact_search(img, sent, 4)
-    monkeypatch.setattr(retrieval, "SCORE_BLOCK_BYTES", 8 * 200 * 3)  # three queries per block
-    got = exact_search(img, sent, 4)
-    np.testing.assert_array_equal(got[0], expected[0])
-    np.testing.assert_array_equal(got[1], expected[1])
-    # The reference: a plain float64 product, ranked by (score desc, id asc).
-    ref = (img.astype(np.float64) @ sent.astype(np.float64).T).astype(np.float32)
-    ref_ids = np.lexsort((np.broadcast_to(np.arange(200), ref.shape), -ref), axis=1)[:, :4]
-    np.testing.assert_array_equal(got[0], ref_ids)
+def test_result_does_not_depend_on_threads_image_order_or_chunking(monkeypatch):
+    monkeypatch.setattr(retrieval, "MIN_RANGE_FLOPS", 1)  # small as it is, hand the work to the threads
+    sent, img = _random_unit(3000, 32, 6), _random_unit(400, 32, 7)
+    bank = Bank(sent, train_kmeans(sent, 20, niter=10, seed=0, use_gpu="never"), n_parts=3)
+    ids, scores, _ = bank.search(img, n_probe=3, k=4, threads=1)
+    for threads in (2, 3):
+        got_ids, got_scores, _ = bank.search(img, n_probe=3, k=4, threads=threads)
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_scores, scores)
+    perm = np.random.default_rng(0).permutation(len(img))
+    got_ids, got_scores, _ = bank.search(img[perm], n_probe=3, k=4, threads=2)
+    np.testing.assert_array_equal(got_ids, ids[perm])
+    np.testing.assert_allclose(got_scores, scores[perm], rtol=0, atol=1e-6)
+    # tiny chunks: clusters cut by pairs, one block per piece
+    monkeypatch.setattr(retrieval, "CHUNK_SCORES", 500)
+    got_ids, got_scores, _ = bank.search(img, n_probe=3, k=4, threads=2)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_scores, scores, rtol=0, atol=1e-6)
+
+
+def test_image_budget_searches_parts_in_rounds_rereading_images():
+    sent, img = _random_unit(2000, 16, 8), _random_unit(300, 16, 9)
+    bank = Bank(sent, train_kmeans(sent, 16, niter=10, seed=0, use_gpu="never"), n_parts=4)
+    ids, scores, res = bank.search(img, n_probe=2, k=3)
+    assert res.stats["rounds"] == 4  # held in memory: one part at a time
+    calls = Counter()
+
+    def batches():
+        calls["read"] += 1
+        for s in range(0, len(img), 70):  # shard-sized batches
+            yield img[s : s + 70]
+
+    # a budget of ~200 gathered image rows: one or two parts per round, images re-read per round
+    budget = 200 * 16 * 4
+    got_ids, got_scores, res = bank.search(batches, n_probe=2, k=3, max_image_bytes=budget)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_scores, scores)
+    assert 1 < res.stats["rounds"] <= 4 and calls["read"] == 1 + res.stats["rounds"]
+    assert dict(bank.loads) == {p: 2 for p in range(4)}  # once per search, whatever the rounds
+    # without a budget, batches are read once and kept
+    calls.clear()
+    got_ids, _, _ = bank.search(batches, n_probe=2, k=3)
+    np.testing.assert_array_equal(got_ids, ids)
+    assert calls["read"] == 1

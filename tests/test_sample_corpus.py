@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from realsyn.fetch_policy import FetchPolicy
 from realsyn.filters.image_rules import ImageRuleFilter
 from realsyn.filters.sentence_rules import SentenceRuleFilter
 from realsyn.image_db import ImageFetcher, build_image_table, build_sentence_table
@@ -60,7 +61,7 @@ def test_planted_counts_and_layout(corpus):
     assert {k: summary[k] for k in PLANTED} == PLANTED
     assert summary["shards"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.jsonl"]
     assert "chelsea" in summary["photo_names"] and "china" in summary["photo_names"] and "flower" in summary["photo_names"]
-    assert summary["expected_image_status"] == {"ok": 31, "undecodable": 1, "fetch_failed": 1}
+    assert summary["expected_image_status"] == {"ok": 31, "undecodable": 1, "fetch_refused": 1}
     files = _files(out)
     assert sorted(f for f in files if not f.startswith("images/")) == ["_sample_corpus.json", *summary["shards"]]
     assert len([f for f in files if f.startswith("images/")]) == 1
@@ -85,7 +86,8 @@ def test_ingest_reads_it_all_back_with_exact_noise(corpus):
         key = shard_key(shard, out)
         docs = list(ObelicsReader().iter_documents(shard, stats))
         docs_by_id.update({d.doc_id: d for d in docs})
-        images += build_image_table(docs, key, ImageFetcher(timeout_s=2.0, retries=0), stats).to_pylist()
+        fetcher = ImageFetcher(timeout_s=2.0, retries=0, policy=FetchPolicy.for_input(out))  # local images under the corpus only
+        images += build_image_table(docs, key, fetcher, stats).to_pylist()
         sentences += build_sentence_table(docs, key, splitter, stats).column("text").to_pylist()
     assert [shard_key(s, out) for s in list_input_shards(out)] == ["part-00000", "part-00001", "part-00002", "part-00003"]
     assert stats.counts["documents_in"] == 33 and stats.dropped == {"malformed_document": 1}
@@ -93,7 +95,7 @@ def test_ingest_reads_it_all_back_with_exact_noise(corpus):
     assert stats.counts["paragraphs_in"] == 60 and stats.counts["sentences_out"] == 179
 
     image_reasons = Counter(ImageRuleFilter().reasons(images))
-    assert image_reasons == {None: 27, "short_side": 2, "aspect_ratio": 2, "undecodable": 1, "fetch_failed": 1}
+    assert image_reasons == {None: 27, "short_side": 2, "aspect_ratio": 2, "undecodable": 1, "fetch_refused": 1}
     by_hash = Counter(r["sha256"] for r in images if r["status"] == "ok")
     assert sum(n - 1 for n in by_hash.values()) == 3  # the exact duplicates
     local = [r for r in images if r["source"].endswith(".jpg") and "://" not in r["source"]]

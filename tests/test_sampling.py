@@ -132,3 +132,203 @@ def test_registered_as_a_sampler_plugin():
     assert empty["threshold"].shape == (0,) and empty["counts"].shape == (0,)
     with pytest.raises(ValueError):
         ClusterCapSampler(cap=0)
+
+
+# ---------------------------------------------------------------------------- one-pass fit equals a full sort
+
+
+def _brute_force_state(keys: np.ndarray, clusters: np.ndarray, cap: int) -> dict[str, np.ndarray]:
+    """The definition: per cluster, the cap-th smallest key when it has more than cap rows."""
+    n = int(clusters.max()) + 1 if len(clusters) else 0
+    counts = np.bincount(clusters, minlength=n).astype(np.int64)
+    threshold = np.full(n, np.inf)
+    for c in np.flatnonzero(counts > cap):
+        threshold[c] = np.sort(keys[clusters == c])[cap - 1]
+    return {"threshold": threshold, "counts": counts}
+
+
+@pytest.mark.parametrize("min_compaction", [1, 50, 1 << 16])
+@pytest.mark.parametrize("quantise", [False, True])
+def test_one_pass_fit_equals_a_sort_of_all_keys(monkeypatch, min_compaction, quantise):
+    import realsyn.samplers.cluster_cap as cluster_cap
+
+    monkeypatch.setattr(cluster_cap, "_MIN_COMPACTION_ROWS", min_compaction)
+    if quantise:  # many equal keys: ties at the threshold
+        monkeypatch.setattr(cluster_cap, "uniform_keys", lambda ids, seed: np.floor(uniform_keys(ids, seed) * 8) / 8)
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 60, size=40).tolist()  # empty, small, exactly-cap and big clusters
+    sizes[3], sizes[4] = 12, 13
+    table = _table(sizes)
+    batches = _batches(table, 37, seed=3)
+    sampler = ClusterCapSampler(cap=12, seed=2)
+    state = sampler.fit(batches)
+    keys = cluster_cap.uniform_keys(table.column("image_id").to_pylist(), 2)
+    expected = _brute_force_state(keys, table.column("cluster").to_numpy().astype(np.int64), 12)
+    np.testing.assert_array_equal(state["counts"], expected["counts"])
+    np.testing.assert_array_equal(state["threshold"], expected["threshold"])
+    assert np.isfinite(state["threshold"]).sum() == sum(1 for s in sizes if s > 12)
+    kept = _selected_ids(sampler, batches, state)
+    if not quantise:  # with ties every row at the threshold is kept
+        assert _per_cluster(table, kept, len(sizes)) == [min(s, 12) for s in sizes]
+
+
+# ---------------------------------------------------------------------------- the stage: one build, n + 1 passes
+
+
+META_ENTRIES = ["dog", "cat", "red car", "tree"]
+WORDS = ["a dog", "the cat", "red car", "tree", "nothing", "a red car and a dog", None]
+
+
+class _LengthScorer:
+    """Perplexity = the caption's length (nan without one)."""
+
+    def score(self, texts):
+        return np.array([np.nan if t is None else float(len(t)) for t in texts], dtype=np.float32)
+
+
+def _stage_inputs(tmp_path):
+    from realsyn import layout
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path / "store"))
+    rng = np.random.default_rng(11)
+    shards = {"s0": 40, "s1": 3, "s2": 31}
+    full, retrievals = {}, {}
+    with storage.writer(layout.IMAGE_CLUSTERS) as w:
+        for shard, n in shards.items():
+            ids = [f"{shard}-img{i}" for i in range(n)]
+            clusters = rng.integers(0, 4, size=n).astype(np.int32)
+            texts = [[WORDS[j] for j in rng.integers(0, len(WORDS), size=rng.integers(0, 3))] for _ in range(n)]
+            captions = [WORDS[j] for j in rng.integers(0, len(WORDS), size=n)]
+            w.write_parquet(layout.assignments_file(shard), pa.table({"image_id": ids, "cluster": pa.array(clusters)}))
+            order = rng.permutation(n)  # retrievals and captions in another row order than the assignments
+            retrievals[shard] = pa.table(
+                {"image_id": [ids[i] for i in order], "texts": pa.array([texts[i] for i in order], pa.list_(pa.string()))}
+            )
+            with storage.writer(layout.SYNTHETIC_CAPTIONS, shard) as cw:
+                cw.write_parquet(
+                    layout.CAPTIONS_FILE,
+                    pa.table(
+                        {
+                            "image_id": [ids[i] for i in order[::-1]],
+                            "synthetic_caption": pa.array([captions[i] for i in order[::-1]], pa.string()),
+                        }
+                    ),
+                )
+            with storage.writer(layout.FILTERED_PAIRS, shard):
+                pass
+            full[shard] = pa.table(
+                {
+                    "image_id": ids,
+                    "cluster": pa.array(clusters),
+                    "real_texts": pa.array(texts, pa.list_(pa.string())),
+                    "synthetic_caption": pa.array(captions, pa.string()),
+                    "text_perplexity": pa.array(_LengthScorer().score(captions)),
+                }
+            )
+    from realsyn.stages.common import write_retrievals
+
+    write_retrievals(storage, retrievals)  # one global generation, one file per shard
+    meta = tmp_path / "meta.json"
+    meta.write_text(__import__("json").dumps(META_ENTRIES))
+    return storage, list(shards), full, str(meta)
+
+
+def _reference_splits(full, shards, splits):
+    """Each sampler fitted on everything the previous ones kept, then deciding shard by shard (the definition)."""
+    out = {}
+    for split in splits:
+        reasons = {s: [None] * full[s].num_rows for s in shards}
+        detail = {s: [None] * full[s].num_rows for s in shards}
+        states = []
+        for spec in split.samplers:
+            sampler = build_plugin("sampler", spec)
+
+            def alive(s, reasons=reasons):
+                return full[s].filter(pa.array([r is None for r in reasons[s]]))
+
+            state = sampler.fit([alive(s) for s in shards])
+            states.append(state)
+            for s in shards:
+                live = [i for i, r in enumerate(reasons[s]) if r is None]
+                for row, reason in zip(live, sampler.reasons(alive(s), state)):
+                    if reason is not None:
+                        reasons[s][row], detail[s][row] = reason, spec.name
+        out[split.name] = (reasons, detail, states)
+    return out
+
+
+def test_sample_splits_builds_each_shard_once_and_decides_as_the_definition(tmp_path, monkeypatch):
+    from realsyn import layout
+    from realsyn.samplers.metaclip import MetaClipSampler
+    from realsyn.stages import sample as stage
+
+    storage, shards, full, meta = _stage_inputs(tmp_path)
+    splits = [
+        stage.SplitSpec("cap", [{"name": "cluster_cap", "params": {"cap": 3}}]),
+        stage.SplitSpec(
+            "chain",
+            [
+                {"name": "cluster_cap", "params": {"cap": 6, "seed": 1}},
+                {"name": "metaclip", "params": {"metadata_path": meta, "t": 4, "seed": 2}},
+                {"name": "points_perplexity", "params": {"keep_fraction": 0.6}},
+            ],
+        ),
+        stage.SplitSpec("meta_only", [{"name": "metaclip", "params": {"metadata_path": meta, "t": 2, "text_columns": ["real_texts"]}}]),
+        stage.SplitSpec("everything", []),
+    ]
+    splits = [stage.SplitSpec(s.name, [stage.PluginSpec(**spec) for spec in s.samplers]) for s in splits]
+    builds, matched = [], []
+    real_build, real_row_matches = stage._Candidates._build, MetaClipSampler.row_matches
+    monkeypatch.setattr(stage._Candidates, "_build", lambda self, shard: builds.append(shard) or real_build(self, shard))
+    monkeypatch.setattr(MetaClipSampler, "row_matches", lambda self, batch: matched.append(batch.num_rows) or real_row_matches(self, batch))
+    scorers = []
+    stats = stage.sample_splits(storage, shards, splits, perplexity_scorer=lambda: scorers.append(1) or _LengthScorer())
+
+    assert builds == shards  # one read-and-join per shard for all splits and passes
+    assert len(scorers) == 1
+    assert len(matched) == 2 * len(shards)  # the two MetaCLIP samplers match each shard once (in fit), never in reasons
+    monkeypatch.setattr(MetaClipSampler, "row_matches", real_row_matches)
+    expected = _reference_splits(full, shards, splits)
+    reader = storage.reader(layout.SAMPLED_SPLITS)
+    summary = reader.read_json(layout.SUMMARY_FILE)
+    for split in splits:
+        reasons, detail, states = expected[split.name]
+        rows_out = 0
+        for s in shards:
+            decisions = reader.read_parquet(layout.split_decisions_file(split.name, s)).to_pydict()
+            assert decisions["id"] == full[s].column("image_id").to_pylist()
+            assert decisions["reason"] == reasons[s] and decisions["detail"] == detail[s]
+            assert decisions["kept"] == [r is None for r in reasons[s]]
+            selection = reader.read_parquet(layout.split_selection_file(split.name, s))
+            keep = pa.array([r is None for r in reasons[s]])
+            assert selection.equals(full[s].select(["image_id", "cluster"]).filter(keep))
+            rows_out += selection.num_rows
+        for position, (spec, state) in enumerate(zip(split.samplers, states)):
+            saved = state_from_npz(reader.read_bytes(f"{split.name}/state-{position}-{spec.name}.npz"))
+            assert sorted(saved) == sorted(state)
+            for key in state:
+                np.testing.assert_array_equal(saved[key], state[key])
+        all_reasons = [r for s in shards for r in reasons[s] if r is not None]
+        assert stats[split.name].counts["rows_in"] == sum(full[s].num_rows for s in shards)
+        assert stats[split.name].counts["rows_out"] == rows_out
+        assert stats[split.name].dropped == {r: all_reasons.count(r) for r in set(all_reasons)}
+        assert summary[split.name]["rows_out"] == rows_out
+    chain_reasons = {r for s in shards for r in expected["chain"][0][s]}
+    assert {"over_cap", "balanced_out", "no_metadata_match", "perplexity_above_points_cut", None} <= chain_reasons
+    assert any(f.startswith("chain/report-1-") and f.endswith(".png") for f in reader.files)
+
+
+def test_sample_splits_without_text_samplers_reads_no_texts(tmp_path, monkeypatch):
+    from realsyn import layout
+    from realsyn.stages import sample as stage
+
+    storage, shards, full, _ = _stage_inputs(tmp_path)
+    read = []
+    real_reader = storage.reader
+    monkeypatch.setattr(storage, "reader", lambda asset, partition=None: read.append(asset) or real_reader(asset, partition))
+    spec = stage.SplitSpec("cap", [stage.PluginSpec(name="cluster_cap", params={"cap": 2})])
+    stage.sample_splits(storage, shards, [spec])
+    assert layout.RETRIEVALS not in read and layout.SYNTHETIC_CAPTIONS not in read
+    kept = [real_reader(layout.SAMPLED_SPLITS).read_parquet(layout.split_selection_file("cap", s)).num_rows for s in shards]
+    assert sum(kept) == sum(min(2, n) for n in np.bincount(np.concatenate([full[s].column("cluster").to_numpy() for s in shards])))

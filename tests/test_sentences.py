@@ -78,3 +78,33 @@ def test_every_bundled_paragraph_splits_into_its_written_sentences():
     mismatches = [p for p in paragraphs if splitter.split(" ".join(p)) != p]
     assert mismatches == []
     assert len(paragraphs) == 57 and sum(map(len, paragraphs)) == 162
+
+
+def test_long_paragraphs_split_in_chunks_like_the_whole():
+    from realsyn.text.sentences import paragraph_chunks
+
+    splitter = SentenceSplitter(max_chunk_chars=2000)
+    paragraph = " ".join(f"Dr. Smith saw cat number {i} on the mat. It was e.g. red, and the U.S. flag hung there." for i in range(200))
+    chunks = paragraph_chunks(paragraph, 2000, punkt_parameters("english").abbrev_types)
+    assert "".join(chunks) == paragraph and max(map(len, chunks)) <= 2000 and len(chunks) == 9
+    assert all(c.endswith(("mat. ", "there. ")) for c in chunks[:-1])  # cut at a sentence end, never after "Dr." or "U.S."
+    assert splitter.split(paragraph) == SentenceSplitter().split(paragraph) and len(splitter.split(paragraph)) == 400
+    # no sentence end in the window: cut at whitespace, else hard
+    assert paragraph_chunks("ab " * 10, 8) == ["ab ab ", "ab ab ", "ab ab ", "ab ab ", "ab ab "]
+    assert paragraph_chunks("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]
+    with pytest.raises(ValueError, match="max_chunk_chars"):
+        SentenceSplitter(max_chunk_chars=1)
+
+
+def test_punkt_time_limit_is_a_per_paragraph_error(monkeypatch):
+    import nltk.redos
+
+    from realsyn.text.sentences import SentenceSplitError
+
+    splitter = SentenceSplitter()
+    monkeypatch.setattr(nltk.redos, "DEFAULT_TIMEOUT", 1e-9)  # every regular expression runs out of time
+    with pytest.raises(SentenceSplitError) as err:
+        splitter.split("Dr. a. " * 3000)
+    assert err.value.reason == "timeout" and "21000 characters" in str(err.value)
+    monkeypatch.setattr(nltk.redos, "DEFAULT_TIMEOUT", 5.0)
+    assert splitter.split("It works again. Yes.") == ["It works again.", "Yes."]

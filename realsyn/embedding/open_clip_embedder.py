@@ -8,7 +8,6 @@ seeded so that its embeddings are deterministic, and a warning is logged.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -247,7 +246,8 @@ class OpenClipEmbedder(Embedder):
     def embed_images(self, images: Sequence[bytes], stats: StepStats | None = None) -> np.ndarray:
         """(N, dim) float32, L2-normalised; undecodable images give zero rows."""
         import torch
-        from PIL import Image
+
+        from realsyn.image_decode import MAX_PIXELS_CEILING, open_image
 
         loaded = self._loaded()
         out = np.zeros((len(images), loaded.dim), dtype=np.float32)
@@ -255,7 +255,7 @@ class OpenClipEmbedder(Embedder):
             rows, tensors = [], []
             for i in range(start, min(start + self.batch_size, len(images))):
                 try:
-                    with Image.open(io.BytesIO(images[i])) as im:
+                    with open_image(images[i], max_pixels=MAX_PIXELS_CEILING) as im:  # allowed formats, pixel ceiling, memory budget
                         tensors.append(loaded.preprocess(im.convert("RGB")))
                     rows.append(i)
                 except Exception:  # any decoder failure is bad data, not a bug

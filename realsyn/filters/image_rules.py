@@ -11,7 +11,8 @@ from realsyn.plugins.kinds import ImageFilter
 class ImageRuleFilter(ImageFilter):
     """Rules on image_db rows (keys ``status``, ``width``, ``height``).
 
-    Reasons, first match wins: ``fetch_failed``, ``undecodable`` (status not ``ok`` or no usable
+    Reasons, first match wins: ``fetch_failed``, ``fetch_refused`` (the fetch policy forbade it),
+    ``opted_out`` (X-Robots-Tag noai etc.), ``undecodable`` (status not ``ok`` or no usable
     size), ``short_side`` (min(w, h) < ``min_short_side``), ``aspect_ratio`` (w/h above
     ``max_aspect_ratio`` or below its inverse). Both edges are kept: a 100 px short side and a
     3.0 ratio pass.
@@ -27,8 +28,8 @@ class ImageRuleFilter(ImageFilter):
 
     def reason(self, row: Mapping[str, Any]) -> str | None:
         status = row.get("status")
-        if status == "fetch_failed":
-            return "fetch_failed"
+        if status in ("fetch_failed", "fetch_refused", "opted_out"):  # not fetched: the status is the reason
+            return status
         width, height = row.get("width"), row.get("height")
         if status != "ok" or not width or not height or width <= 0 or height <= 0:
             return "undecodable"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from realsyn import layout
 from realsyn.generation.prompts import prompt_sha
+from realsyn.storage import Storage
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -20,10 +26,12 @@ CACHE_SCHEMA = pa.schema(
 
 
 class CaptionCache:
-    """In-memory view of the cache table; the caller persists ``to_table()`` (atomically, via storage)."""
+    """In-memory view of the cache table; the caller persists ``to_table()`` or, appending, ``take_new()``
+    (atomically, via storage: see ``CaptionCacheStore``)."""
 
     def __init__(self) -> None:
         self._rows: dict[tuple[str, str], tuple[str, str]] = {}
+        self._new: dict[tuple[str, str], None] = {}  # keys put since the last take_new(), in order
 
     @classmethod
     def from_table(cls, table: pa.Table | None) -> CaptionCache:
@@ -45,6 +53,7 @@ class CaptionCache:
 
     def put(self, image_id: str, prompt_sha: str, synthetic_caption: str, model: str) -> None:
         self._rows[(image_id, prompt_sha)] = (synthetic_caption, model)
+        self._new[(image_id, prompt_sha)] = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -53,7 +62,14 @@ class CaptionCache:
         return key in self._rows
 
     def to_table(self) -> pa.Table:
-        keys = list(self._rows)
+        return self._table(list(self._rows))
+
+    def take_new(self) -> pa.Table:
+        """The rows put since the last call (their latest values), then forgets that they were new."""
+        keys, self._new = list(self._new), {}
+        return self._table(keys)
+
+    def _table(self, keys: list[tuple[str, str]]) -> pa.Table:
         values = [self._rows[k] for k in keys]
         return pa.table(
             {
@@ -64,6 +80,98 @@ class CaptionCache:
             },
             schema=CACHE_SCHEMA,
         )
+
+
+class CaptionCacheStore:
+    """A shard's caption cache on storage, append-only: ``{CAPTION_CACHE_DIR}/{shard}/part-{n:06d}.parquet``.
+
+    ``append`` writes the rows put since the last append as the next part (one atomic ``write_file``;
+    nothing is ever rewritten in place), so persisting after every batch costs the batch, not the
+    shard. ``load`` reads every part in number order (later rows win), after the single-file cache of
+    earlier versions (``{CAPTION_CACHE_DIR}/{shard}.parquet``) if there is one. When there are more than
+    ``max_parts`` parts, ``compact`` merges them into one new part (written atomically before any old
+    one is deleted, and numbered after them, so a crash in between leaves a cache that loads the same).
+    """
+
+    PART = re.compile(r"^part-(\d{6,})\.parquet$")
+
+    def __init__(self, storage: Storage, shard: str, max_parts: int = 64):
+        if max_parts < 1:
+            raise ValueError(f"max_parts must be >= 1, got {max_parts}")
+        self.storage, self.shard, self.max_parts = storage, shard, int(max_parts)
+        self.rel_dir = f"{layout.CAPTION_CACHE_DIR}/{shard}"
+        self.legacy_rel = f"{layout.CAPTION_CACHE_DIR}/{shard}.parquet"
+        self._next: int | None = None
+
+    def part_rel(self, number: int) -> str:
+        return f"{self.rel_dir}/part-{number:06d}.parquet"
+
+    def parts(self) -> list[int]:
+        """Part numbers on storage, ascending."""
+        fs = self.storage.fs
+        directory = self.storage.path(*self.rel_dir.split("/"))
+        fs.invalidate_cache(directory)
+        try:
+            names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(directory, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for m in map(self.PART.match, names) if m)
+
+    def load(self) -> CaptionCache:
+        cache = CaptionCache.from_table(self.read_table())
+        cache.take_new()
+        return cache
+
+    def read_table(self) -> pa.Table | None:
+        """Every stored row, oldest first (the legacy file, then the parts); None when there is none."""
+        for _ in range(3):  # a part deleted by a concurrent compaction between listing and reading: list again
+            numbers = self.parts()
+            rels = ([self.legacy_rel] if self.storage.exists(self.legacy_rel) else []) + [self.part_rel(n) for n in numbers]
+            try:
+                tables = [self._read(rel) for rel in rels]
+            except FileNotFoundError:
+                continue
+            self._next = max(self._next or 0, numbers[-1] + 1 if numbers else 0)
+            return pa.concat_tables(tables) if tables else None
+        raise RuntimeError(f"caption cache of shard {self.shard!r} kept changing while being read")
+
+    def _read(self, rel: str) -> pa.Table:
+        table = pq.read_table(io.BytesIO(self.storage.read_file(rel)))
+        missing = [c for c in CACHE_SCHEMA.names if c not in table.column_names]
+        if missing:
+            raise ValueError(f"caption cache file {rel} lacks columns {missing}")
+        return table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
+
+    def append(self, cache: CaptionCache) -> int:
+        """Persist the rows put since the last append as one new part; returns how many rows it holds."""
+        table = cache.take_new()
+        if not table.num_rows:
+            return 0
+        self._write_part(table)
+        if len(self.parts()) > self.max_parts:
+            self.compact()
+        return table.num_rows
+
+    def compact(self) -> None:
+        """Merge the legacy file and every part into one part (the newest), then delete what it replaces."""
+        numbers = self.parts()
+        legacy = self.storage.exists(self.legacy_rel)
+        if len(numbers) + legacy <= 1:
+            return
+        merged = CaptionCache.from_table(self.read_table()).to_table()
+        self._write_part(merged)
+        fs = self.storage.fs
+        for rel in ([self.legacy_rel] if legacy else []) + [self.part_rel(n) for n in numbers]:
+            fs.rm_file(self.storage.path(*rel.split("/")))
+
+    def _write_part(self, table: pa.Table) -> None:
+        if self._next is None:
+            numbers = self.parts()
+            self._next = numbers[-1] + 1 if numbers else 0
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.storage.write_file(self.part_rel(self._next), buf.getvalue())
+        self._next += 1
 
 
 def generate_with_cache(

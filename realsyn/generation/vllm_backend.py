@@ -2,41 +2,79 @@
 
 from __future__ import annotations
 
+import base64
+import email.utils
+import http.client
+import json
 import logging
+import math
 import os
 import random
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from realsyn.generation.base import clean_caption
+from realsyn.net import DeadlineHTTPConnection
 from realsyn.plugins.kinds import GenerationBackend
+from realsyn.redact import redact, strip_userinfo
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # The request itself was refused (e.g. prompt longer than the context): that item gets no caption.
 REJECTED_STATUS = frozenset({400, 413, 422})
+DEFAULT_API_KEY_ENV = "REALSYN_VLLM_API_KEY"
+LEGACY_API_KEY_ENV = "VLLM_API_KEY"
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 class VllmRequestError(RuntimeError):
-    """The server could not be reached or kept failing; the message names the URL."""
+    """The server could not be reached or kept failing; the message names the URL (credentials redacted)."""
+
+
+@dataclass
+class _Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
 
 
 class VllmOpenAIBackend(GenerationBackend):
     """``POST {base_url}/v1/chat/completions``, up to ``max_concurrency`` requests in flight.
 
     429, 5xx, timeouts and connection errors are retried ``retries`` times with exponential backoff
-    (honouring Retry-After); 400/413/422 mark that one prompt as rejected (empty caption, logged);
-    any other status fails at once, since it means a wrong URL, model or key.
+    (honouring Retry-After, clamped to [0, ``max_backoff_s``]); 400/413/422 mark that one prompt as
+    rejected (empty caption, logged); any other status fails at once, since it means a wrong URL,
+    model or key.
+
+    ``timeout_s`` is one wall-clock deadline per attempt over connect, request, headers and body
+    (``realsyn.net``): a server that drips its answer cannot hold a worker past it. The API key is
+    never a parameter: ``api_key_env`` names the environment variable read at request time
+    (``VLLM_API_KEY`` too when that is unset), so no config, snapshot or log holds it. ``user:pass@``
+    in ``base_url`` is sent as Basic auth (unless a key is set) and never appears in messages.
     """
 
     def __init__(
         self,
         base_url: str,
         model: str,
-        api_key: str | None = None,
+        api_key_env: str = DEFAULT_API_KEY_ENV,
         timeout_s: float = 120,
         max_concurrency: int = 16,
         retries: int = 3,
@@ -48,16 +86,24 @@ class VllmOpenAIBackend(GenerationBackend):
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        base = base_url.rstrip("/")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        base, userinfo = strip_userinfo(base_url.strip().rstrip("/"))
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://host[:port][/prefix], got {redact(base_url)!r}")
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._basic = base64.b64encode(unquote(userinfo).encode()).decode() if userinfo else None
         self.model_id = model
-        self.api_key = api_key if api_key is not None else os.environ.get("VLLM_API_KEY")
+        self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
         self.max_concurrency = int(max_concurrency)
         self.retries = int(retries)
         self.seed = int(seed)
         self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
+        self.max_backoff_s = max(0.0, float(max_backoff_s))
         self.n_rejected = 0
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
@@ -71,17 +117,53 @@ class VllmOpenAIBackend(GenerationBackend):
     def models_url(self) -> str:
         return f"{self.base_url}/v1/models"
 
-    def _session(self) -> Any:
-        # One session (connection pool) per worker thread: requests.Session is not thread-safe.
-        import requests
+    def _api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or os.environ.get(LEGACY_API_KEY_ENV) or None
 
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            if self.api_key:
-                session.headers["Authorization"] = f"Bearer {self.api_key}"
-            self._local.session = session
-        return session
+    def _redact(self, text: object) -> str:
+        return redact(text, secrets=[self._api_key(), self._basic])
+
+    def _connection(self) -> DeadlineHTTPConnection:
+        # One kept-alive connection per worker thread; a dropped one is replaced.
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.is_dropped():
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = DeadlineHTTPConnection(self._scheme, self._host, self._port, op_timeout=self.timeout_s)
+            self._local.conn = conn
+        return conn
+
+    def _headers(self, has_body: bool) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "realsyn/0.1"}
+        if has_body:
+            headers["Content-Type"] = "application/json"
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        elif self._basic:
+            headers["Authorization"] = f"Basic {self._basic}"
+        return headers
+
+    def _send(self, method: str, url: str, payload: dict | None) -> _Response:
+        """One attempt, all of it (connect, send, headers, body) within ``timeout_s``."""
+        body = json.dumps(payload).encode() if payload is not None else None
+        conn = self._connection()
+        conn.deadline.restart(self.timeout_s)
+        try:
+            conn.request(method, self._prefix + url[len(self.base_url) :], body=body, headers=self._headers(body is not None))
+            response = conn.getresponse()
+            data = response.read(MAX_RESPONSE_BYTES + 1)
+            if len(data) > MAX_RESPONSE_BYTES:
+                raise http.client.HTTPException(f"response over {MAX_RESPONSE_BYTES} bytes")
+            if conn.deadline.expired():
+                raise TimeoutError(f"no complete response within {self.timeout_s:g}s")
+            if response.will_close:
+                conn.close()
+            return _Response(response.status, response.headers, data)
+        except BaseException:
+            conn.close()
+            raise
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -101,39 +183,44 @@ class VllmOpenAIBackend(GenerationBackend):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_local", "_executor", "_lock")}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local, self._executor, self._lock = threading.local(), None, threading.Lock()
+
     def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), self.max_backoff_s)
-            except ValueError:
-                pass
+        wait = parse_retry_after(retry_after)
+        if wait is not None:
+            return min(max(wait, 0.0), self.max_backoff_s)
         # Jitter spreads the retries of many workers hitting one restarted server.
         return min(self.backoff_s * (2**attempt), self.max_backoff_s) * random.uniform(0.5, 1.0)
 
-    def _request(self, method: str, url: str, payload: dict | None = None) -> Any:
+    def _request(self, method: str, url: str, payload: dict | None = None) -> _Response:
         """Response with a 2xx or rejected status; retries transient failures, raises otherwise."""
-        import requests
-
-        timeout = (min(10.0, self.timeout_s), self.timeout_s)
         last = ""
+        shown = self._redact(url)
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
-                response = self._session().request(method, url, json=payload, timeout=timeout)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                response = self._send(method, url, payload)
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, TLS, bad status line
+                kind = "Timeout" if isinstance(exc, TimeoutError) else "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
+                last = self._redact(f"{kind}: {type(exc).__name__}: {exc}")
             else:
-                if response.ok or response.status_code in REJECTED_STATUS:
+                if response.ok or response.status in REJECTED_STATUS:
                     return response
-                last = f"HTTP {response.status_code}: {response.text[:300]}"
-                if response.status_code not in RETRY_STATUS:
-                    raise VllmRequestError(f"{method} {url} failed with {last}")
+                last = self._redact(f"HTTP {response.status}: {response.text[:300]}")
+                if response.status not in RETRY_STATUS:
+                    raise VllmRequestError(f"{method} {shown} failed with {last}")
                 retry_after = response.headers.get("Retry-After")
             if attempt < self.retries:
                 delay = self._delay(attempt, retry_after)
-                log.warning("%s %s: %s; retry %d/%d in %.2fs", method, url, last, attempt + 1, self.retries, delay)
+                log.warning("%s %s: %s; retry %d/%d in %.2fs", method, shown, last, attempt + 1, self.retries, delay)
                 time.sleep(delay)
-        raise VllmRequestError(f"{method} {url} failed after {self.retries + 1} attempts; last error: {last}")
+        raise VllmRequestError(f"{method} {shown} failed after {self.retries + 1} attempts; last error: {last}")
 
     def _complete(self, messages: list[dict], max_new_tokens: int, temperature: float) -> str:
         payload = {
@@ -147,12 +234,16 @@ class VllmOpenAIBackend(GenerationBackend):
         if not response.ok:
             with self._lock:
                 self.n_rejected += 1
-            log.warning("%s rejected a prompt (HTTP %d): %s", self.completions_url, response.status_code, response.text[:300])
+            log.warning(
+                "%s rejected a prompt (HTTP %d): %s", self._redact(self.completions_url), response.status, self._redact(response.text[:300])
+            )
             return ""
         try:
             content = response.json()["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise VllmRequestError(f"POST {self.completions_url} returned a malformed completion: {response.text[:300]}") from exc
+            raise VllmRequestError(
+                self._redact(f"POST {self.completions_url} returned a malformed completion: {response.text[:300]}")
+            ) from exc
         return clean_caption(content)
 
     def generate(self, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
@@ -170,11 +261,34 @@ class VllmOpenAIBackend(GenerationBackend):
         """Served model ids from ``GET /v1/models``; raises unless this backend's model is among them."""
         response = self._request("GET", self.models_url)
         if not response.ok:
-            raise VllmRequestError(f"GET {self.models_url} failed with HTTP {response.status_code}: {response.text[:300]}")
+            raise VllmRequestError(self._redact(f"GET {self.models_url} failed with HTTP {response.status}: {response.text[:300]}"))
         try:
             served = [m["id"] for m in response.json()["data"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise VllmRequestError(f"GET {self.models_url} returned a malformed model list: {response.text[:300]}") from exc
+            raise VllmRequestError(self._redact(f"GET {self.models_url} returned a malformed model list: {response.text[:300]}")) from exc
         if self.model_id not in served:
-            raise VllmRequestError(f"{self.base_url} does not serve model {self.model_id!r}; it serves {served}")
+            raise VllmRequestError(self._redact(f"{self.base_url} does not serve model {self.model_id!r}; it serves {served}"))
         return served
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date); None when absent or garbage.
+
+    Negative, NaN and infinite values come back as they are for the caller to clamp (NaN as None).
+    """
+    if value is None or not str(value).strip():
+        return None
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            return None
+        return when.timestamp() - time.time()
+    return None if math.isnan(seconds) else seconds

@@ -5,6 +5,6 @@
 as ``{name, params}`` and build it with ``build_plugin("input_reader", ...)``.
 """
 
-from realsyn.readers.document import Document, NoShardsError, list_input_shards, shard_key
+from realsyn.readers.document import Document, NoShardsError, ShardSchemaError, image_id, list_input_shards, sentence_id, shard_key
 
-__all__ = ["Document", "NoShardsError", "list_input_shards", "shard_key"]
+__all__ = ["Document", "NoShardsError", "ShardSchemaError", "image_id", "list_input_shards", "sentence_id", "shard_key"]

@@ -20,9 +20,11 @@ An image's reference, first that applies: inline bytes (``image_bytes`` / ``byte
 
 The id comes from ``id`` / ``doc_id`` / ``document_id`` / ``url`` (unique within the shard, as in
 OBELICS); every other document field except ``text_list`` / ``image_info`` goes into ``metadata``.
-A row is malformed (skipped, counted as ``dropped_malformed_document``) when it is not an object,
-``text_list`` is not a list of strings, ``image_info`` is not a list of objects, or an image has no
-usable reference (none given, or inline bytes that do not decode).
+A row is malformed (skipped, counted as ``dropped_malformed_document`` and ``malformed_<why>``) when
+it is not an object, ``text_list`` is not a list of strings (``missing_text_list``,
+``text_list_not_a_list``, ``bad_text_list_slot``), ``image_info`` is not a list of objects
+(``missing_image_info``, ``image_info_not_a_list``, ``bad_image_info_entry``), or an image has no
+usable reference (``no_image_reference``: none given, or inline bytes that do not decode).
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ class Mmc4Reader(InputReader):
         self.images_dir = images_dir.strip() if images_dir and images_dir.strip() else None
 
     def iter_documents(self, shard_uri: str, stats: StepStats) -> Iterator[Document]:
-        """Stream the documents of one shard; malformed rows are skipped and counted."""
-        return stream_documents(shard_uri, stats, self.document, self.batch_size)
+        """Stream the documents of one shard; malformed rows are skipped and counted (see ``stream_documents``)."""
+        return stream_documents(shard_uri, stats, self.document, self.batch_size, required_columns=LAYOUT_FIELDS, layout="mmc4")
 
     # ------------------------------------------------------------------ one row
     def _image_ref(self, info: dict[str, Any], shard: ShardContext) -> Any:
@@ -105,19 +107,27 @@ class Mmc4Reader(InputReader):
         ref = shard.resolve(raw_url)
         return _NO_REF if ref is None else ref
 
-    def document(self, row: dict[str, Any], index: int, shard: ShardContext) -> Document | None:
-        """One MMC4 row as a Document, or None when it is malformed."""
+    def document(self, row: dict[str, Any], index: int, shard: ShardContext) -> Document | str:
+        """One MMC4 row as a Document, or why it is malformed (see the module docstring)."""
         paragraphs, infos = row.get("text_list"), row.get("image_info")
-        if not isinstance(paragraphs, list) or not all(isinstance(p, str) for p in paragraphs):
-            return None
-        if not isinstance(infos, list) or not all(isinstance(i, dict) for i in infos):
-            return None
+        if paragraphs is None:
+            return "missing_text_list"
+        if not isinstance(paragraphs, list):
+            return "text_list_not_a_list"
+        if not all(isinstance(p, str) for p in paragraphs):
+            return "bad_text_list_slot"
+        if infos is None:
+            return "missing_image_info"
+        if not isinstance(infos, list):
+            return "image_info_not_a_list"
+        if not all(isinstance(i, dict) for i in infos):
+            return "bad_image_info_entry"
         before: list[list[Any]] = [[] for _ in paragraphs]  # images placed before paragraph i
         trailing: list[Any] = []  # unmatched images, after the last paragraph
         for info in infos:
             ref = self._image_ref(info, shard)
             if ref is _NO_REF:
-                return None
+                return "no_image_reference"
             target = info.get("matched_text_index")
             if isinstance(target, Integral) and not isinstance(target, bool) and 0 <= target < len(paragraphs):
                 before[int(target)].append(ref)

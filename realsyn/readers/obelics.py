@@ -20,8 +20,16 @@ from realsyn.stats import StepStats
 JSON_METADATA_COLUMNS: tuple[str, ...] = ("metadata", "general_metadata")
 
 
-def _valid_slot_list(value: Any, allowed: tuple[type, ...]) -> bool:
-    return isinstance(value, list) and all(v is None or isinstance(v, allowed) for v in value)
+def _slot_list_problem(row: dict[str, Any], column: str, allowed: tuple[type, ...]) -> str | None:
+    """Why ``row[column]`` is not a list of ``allowed`` / None slots, or None when it is."""
+    value = row.get(column)
+    if value is None:
+        return f"missing_{column}"
+    if not isinstance(value, list):
+        return f"{column}_not_a_list"
+    if not all(v is None or isinstance(v, allowed) for v in value):
+        return f"bad_{column}_slot"
+    return None
 
 
 def _parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
@@ -38,15 +46,15 @@ def _parse_metadata(row: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-def obelics_document(row: dict[str, Any], index: int, shard: ShardContext) -> Document | None:
-    """One OBELICS row as a Document, or None when its slot lists are malformed."""
-    images, texts = row.get("images"), row.get("texts")
-    if (
-        not _valid_slot_list(images, (str, bytes, bytearray, memoryview))
-        or not _valid_slot_list(texts, (str,))
-        or len(images) != len(texts)
-    ):
-        return None
+def obelics_document(row: dict[str, Any], index: int, shard: ShardContext) -> Document | str:
+    """One OBELICS row as a Document, or why its slot lists are malformed (``missing_images``,
+    ``texts_not_a_list``, ``bad_images_slot``, ``length_mismatch``, ...)."""
+    problem = _slot_list_problem(row, "images", (str, bytes, bytearray, memoryview)) or _slot_list_problem(row, "texts", (str,))
+    if problem:
+        return problem
+    images, texts = row["images"], row["texts"]
+    if len(images) != len(texts):
+        return "length_mismatch"
     return Document(
         doc_id=shard.doc_id(row, index),
         images=[shard.resolve(ref) for ref in images],
@@ -67,5 +75,5 @@ class ObelicsReader(InputReader):
         self.batch_size = batch_size
 
     def iter_documents(self, shard_uri: str, stats: StepStats) -> Iterator[Document]:
-        """Stream the documents of one shard; malformed rows are skipped and counted."""
-        return stream_documents(shard_uri, stats, obelics_document, self.batch_size)
+        """Stream the documents of one shard; malformed rows are skipped and counted (see ``stream_documents``)."""
+        return stream_documents(shard_uri, stats, obelics_document, self.batch_size, required_columns=("images", "texts"), layout="obelics")

@@ -49,32 +49,60 @@ class ClusterCapSampler(Sampler):
         return valid, keys, cluster_values[valid]
 
     def fit(self, batches: Iterable[pa.Table]) -> dict[str, np.ndarray]:
-        """State: ``threshold`` (per cluster, the cap-th smallest key, +inf when size <= cap) and ``counts``."""
+        """State: ``threshold`` (per cluster, the cap-th smallest key, +inf when size <= cap) and ``counts``.
+
+        One pass: a batch's row is held only if its key is below its cluster's running threshold (the
+        cap-th smallest key held so far, +inf until the cluster has ``cap`` rows). Held rows are
+        compacted to each cluster's ``cap`` smallest (and the running thresholds tightened) only when
+        they have doubled since the last compaction, so memory stays O(clusters * cap) and each row is
+        sorted O(1) times amortised. A dropped row's key is at or above a cap-th smallest key already
+        seen, so it can never be among the cluster's final ``cap`` smallest: the state equals a sort of
+        all keys per cluster.
+        """
         counts = np.zeros(0, dtype=np.int64)
-        best_clusters = np.empty(0, dtype=np.int64)  # running cap smallest keys per cluster
-        best_keys = np.empty(0, dtype=np.float64)
+        running = np.zeros(0, dtype=np.float64)  # per cluster: upper bound of its final threshold
+        held_clusters = np.empty(0, dtype=np.int64)  # compacted: each cluster's cap smallest keys so far
+        held_keys = np.empty(0, dtype=np.float64)
+        pending: list[tuple[np.ndarray, np.ndarray]] = []  # held since the last compaction
+        pending_rows = 0
         for batch in batches:
             valid, keys, clusters = self._keys_and_clusters(batch)
             self.stats.add("fit_rows", len(valid))
             self.stats.add("fit_invalid_rows", int((~valid).sum()))
-            if len(clusters):
-                counts = _grow(counts, int(clusters.max()) + 1)
-                counts += np.bincount(clusters, minlength=len(counts))
-            best_clusters = np.concatenate([best_clusters, clusters])
-            best_keys = np.concatenate([best_keys, keys])
-            # Sort by (cluster, key); keep each cluster's first `cap`: memory stays O(clusters * cap).
-            order = np.lexsort((best_keys, best_clusters))
-            best_clusters, best_keys = best_clusters[order], best_keys[order]
-            keep = _rank_within_groups(best_clusters) < self.cap
-            best_clusters, best_keys = best_clusters[keep], best_keys[keep]
+            if not len(clusters):
+                continue
+            size = int(clusters.max()) + 1
+            counts = _grow(counts, size)
+            counts += np.bincount(clusters, minlength=len(counts))
+            running = _grow(running, size, fill=np.inf)
+            below = keys < running[clusters]
+            pending.append((clusters[below], keys[below]))
+            pending_rows += int(below.sum())
+            if pending_rows > max(len(held_keys), _MIN_COMPACTION_ROWS):
+                held_clusters, held_keys = self._compact(held_clusters, held_keys, pending, running)
+                pending, pending_rows = [], 0
+        held_clusters, held_keys = self._compact(held_clusters, held_keys, pending, running)
         threshold = np.full(len(counts), np.inf, dtype=np.float64)
         big = counts > self.cap
-        # best_* is sorted by (cluster, key): each big cluster's last kept key is its threshold.
-        last_of_group = np.append(best_clusters[1:] != best_clusters[:-1], True) if len(best_clusters) else np.zeros(0, bool)
-        group_clusters, group_max = best_clusters[last_of_group], best_keys[last_of_group]
-        sel = big[group_clusters]
-        threshold[group_clusters[sel]] = group_max[sel]
+        threshold[big] = running[big]  # a cluster with more than cap rows holds exactly cap: its running threshold is exact
         return {"threshold": threshold, "counts": counts}
+
+    def _compact(
+        self, held_clusters: np.ndarray, held_keys: np.ndarray, pending: list[tuple[np.ndarray, np.ndarray]], running: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each cluster's ``cap`` smallest of held + pending rows, sorted by (cluster, key); tightens ``running`` in place."""
+        clusters = np.concatenate([held_clusters, *(c for c, _ in pending)])
+        keys = np.concatenate([held_keys, *(k for _, k in pending)])
+        order = np.lexsort((keys, clusters))
+        clusters, keys = clusters[order], keys[order]
+        keep = _rank_within_groups(clusters) < self.cap
+        clusters, keys = clusters[keep], keys[keep]
+        if len(clusters):
+            # The cap-th key of every cluster holding cap rows: its last one in (cluster, key) order.
+            last = np.append(clusters[1:] != clusters[:-1], True)
+            full = last & (_rank_within_groups(clusters) == self.cap - 1)
+            running[clusters[full]] = keys[full]
+        return clusters, keys
 
     def reasons(self, batch: pa.Table, state: dict[str, np.ndarray]) -> list[str | None]:
         threshold = np.asarray(state["threshold"], dtype=np.float64)
@@ -93,11 +121,14 @@ class ClusterCapSampler(Sampler):
         return reasons.tolist()
 
 
-def _grow(counts: np.ndarray, size: int) -> np.ndarray:
-    if size <= len(counts):
-        return counts
-    out = np.zeros(size, dtype=counts.dtype)
-    out[: len(counts)] = counts
+_MIN_COMPACTION_ROWS = 1 << 16
+
+
+def _grow(values: np.ndarray, size: int, fill: float = 0) -> np.ndarray:
+    if size <= len(values):
+        return values
+    out = np.full(size, fill, dtype=values.dtype)
+    out[: len(values)] = values
     return out
 
 

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from realsyn import layout
 from realsyn.decisions import decision_table
 from realsyn.io import batched
 from realsyn.plugins.kinds import Embedder, GenerationBackend, Tagger
-from realsyn.stages.common import kept_image_embeddings
+from realsyn.stages.common import kept_image_embeddings, read_retrievals
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
 log = logging.getLogger("realsyn")
-
-
-def _load_cache(storage: Storage, shard: str):
-    from realsyn.generation.cache import CaptionCache
-
-    rel = f"{layout.CAPTION_CACHE_DIR}/{shard}.parquet"
-    return CaptionCache.from_table(pq.read_table(io.BytesIO(storage.read_file(rel))) if storage.exists(rel) else None)
-
-
-def _save_cache(storage: Storage, shard: str, cache) -> None:
-    buf = io.BytesIO()
-    pq.write_table(cache.to_table(), buf)
-    storage.write_file(f"{layout.CAPTION_CACHE_DIR}/{shard}.parquet", buf.getvalue())
 
 
 def generate_captions(
@@ -47,15 +32,15 @@ def generate_captions(
 ) -> StepStats:
     """One synthetic caption per image fused from its retrieved texts (and tags when a tagger is set).
 
-    Finished captions are cached by (image_id, prompt hash) under ``_cache/``, persisted after every
-    batch, so a rerun or a retry after a crash never regenerates them.
+    Finished captions are cached by (image_id, prompt hash) under ``_cache/``, appended as a small part
+    file after every batch (``CaptionCacheStore``), so a rerun or a retry after a crash never regenerates them.
     """
-    from realsyn.generation.cache import generate_with_cache
+    from realsyn.generation.cache import CaptionCacheStore, generate_with_cache
     from realsyn.generation.prompts import DEFAULT_FUSION_INSTRUCTION, build_fusion_messages, prompt_sha
 
     stats = StepStats(layout.SYNTHETIC_CAPTIONS)
     with stats.timed():
-        retrievals = storage.reader(layout.RETRIEVALS, shard).read_parquet(layout.RETRIEVALS_FILE)
+        retrievals = read_retrievals(storage, shard)
         image_ids = retrievals.column("image_id").to_pylist()
         texts = retrievals.column("texts").to_pylist()
         tags: list[list[str] | None] = [None] * len(image_ids)
@@ -69,7 +54,8 @@ def generate_captions(
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         messages = [build_fusion_messages(t, None, g, instruction=instruction or DEFAULT_FUSION_INSTRUCTION) for t, g in zip(texts, tags)]
         shas = [prompt_sha(m, backend.model_id, params) for m in messages]
-        cache = _load_cache(storage, shard)
+        cache_store = CaptionCacheStore(storage, shard)
+        cache = cache_store.load()
         captions: list[str] = []
         for chunk in batched(list(zip(image_ids, messages)), max(1, batch_size) * 4):
             got, n_cached, n_generated = generate_with_cache(list(chunk), backend, cache, backend.model_id, params, batch_size)
@@ -77,7 +63,7 @@ def generate_captions(
             stats.add("cached", n_cached)
             stats.add("generated", n_generated)
             if n_generated:
-                _save_cache(storage, shard, cache)
+                cache_store.append(cache)
         status = ["ok" if c.strip() else "empty" for c in captions]
         stats.drop_reasons([None if s == "ok" else "empty_caption" for s in status])
         table = pa.table(

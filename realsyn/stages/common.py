@@ -21,7 +21,10 @@ def require_partitions(storage: Storage, asset: str, shards: Sequence[str]) -> l
     missing = [s for s in shards if not storage.has(asset, s)]
     if missing:
         head = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise MissingShardsError(f"{asset}: {len(missing)} of {len(shards)} shards not materialized yet: {head}")
+        raise MissingShardsError(
+            f"{asset}: {len(missing)} of {len(shards)} shards not materialized yet: {head} (shards whose per-shard steps "
+            "failed are left out with the run tag realsyn/excluded_shards, a JSON list; `realsyn run` sets it)"
+        )
     if not shards:
         raise MissingShardsError(f"{asset}: no shards registered")
     return list(shards)
@@ -38,6 +41,25 @@ def kept_image_embeddings(storage: Storage, shard: str) -> tuple[list[str], np.n
     reader = storage.reader(layout.IMAGE_EMBEDDINGS, shard)
     ids = reader.read_parquet(layout.EMBEDDING_INDEX_FILE, columns=["image_id"]).column("image_id").filter(pa.array(mask)).to_pylist()
     return ids, np.asarray(reader.read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32)[mask]
+
+
+def kept_image_ids(storage: Storage, shard: str) -> list[str]:
+    """Ids of the shard's images that survived dedup, in embedding row order (without reading the embeddings)."""
+    mask = dedup_kept_mask(storage, layout.IMAGE_DEDUP, shard)
+    index = storage.reader(layout.IMAGE_EMBEDDINGS, shard).read_parquet(layout.EMBEDDING_INDEX_FILE, columns=["image_id"])
+    return index.column("image_id").filter(pa.array(mask)).to_pylist()
+
+
+def read_retrievals(storage: Storage, shard: str, columns: list[str] | None = None) -> pa.Table:
+    """The retrievals of one shard's kept images (RETRIEVAL_SCHEMA) from the one global retrieval pass."""
+    return storage.reader(layout.RETRIEVALS).read_parquet(layout.retrievals_file(shard), columns=columns)
+
+
+def write_retrievals(storage: Storage, tables: dict[str, pa.Table]) -> None:
+    """Commit retrievals as one global generation, one file per shard (what the retrievals asset writes)."""
+    with storage.writer(layout.RETRIEVALS) as w:
+        for shard, table in tables.items():
+            w.write_parquet(layout.retrievals_file(shard), table)
 
 
 def kept_pair_ids(storage: Storage, shard: str) -> list[str]:

@@ -1,17 +1,22 @@
-"""Stage 4 and 5e: global dedup of images and sentences (exact, perceptual, semantic) with Union-Find.
+"""Stage 4 and 5e: global dedup of images and sentences (exact, perceptual, semantic) over all shards.
 
-The index is global; queries run shard by shard; components are found over the edge list only.
-Output: per shard ``decisions/{shard}.parquet`` (``realsyn.decisions``; detail: the representative's
-id) in one global generation.
+Columnar end to end: a global step holds numpy arrays only, never a Python object per item.
+Exact keys (sha256, sha1 of the text and of its normalised form) become 16-byte keys and one sort
+gives the exact groups; pHashes (8 bytes) go through multi-index hashing; the semantic index is
+global and queried shard by shard (IVF-SQ8 when large, every kept edge verified by the exact inner
+product). Components are found over the nodes the edges touch only, priorities (image pixels) and
+ids are read back per shard for those nodes only. Output: per shard ``decisions/{shard}.parquet``
+(``realsyn.decisions``; detail: the representative's id) in one global generation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from realsyn import layout
 from realsyn.decisions import decision_table
@@ -23,104 +28,182 @@ log = logging.getLogger("realsyn")
 
 IMAGE_EMBEDDINGS, SENTENCE_EMBEDDINGS = layout.IMAGE_EMBEDDINGS, layout.SENTENCE_EMBEDDINGS
 
+# Reason codes of the int8 column the step computes; 0 = kept.
+REASONS = np.array([None, "exact_duplicate", "perceptual_duplicate", "semantic_duplicate", "near_duplicate"], dtype=object)
+KEPT, EXACT, PERCEPTUAL, SEMANTIC, NEAR = range(5)
+VERIFY_ROWS = 1 << 20  # vectors gathered at a time to verify cross-shard semantic candidates
 
-def _model_info(storage: Storage, asset: str, shard: str) -> dict:
-    return storage.reader(asset, shard).read_json(layout.MODEL_FILE)
+
+class _Corpus:
+    """The shards of one embeddings asset: their row ranges in the global id space."""
+
+    def __init__(self, storage: Storage, asset: str, shards: Sequence[str]):
+        self.storage, self.asset = storage, asset
+        self.shards = require_partitions(storage, asset, shards)
+        sizes = []
+        for s in self.shards:  # the Parquet footer only
+            with storage.reader(asset, s).open(layout.EMBEDDING_INDEX_FILE) as f:
+                sizes.append(pq.ParquetFile(f).metadata.num_rows)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+
+    def ranges(self):
+        for k, s in enumerate(self.shards):
+            yield s, int(self.offsets[k]), int(self.offsets[k + 1])
+
+    def column(self, shard: str, name: str) -> pa.ChunkedArray:
+        return self.storage.reader(self.asset, shard).read_parquet(layout.EMBEDDING_INDEX_FILE, columns=[name]).column(name)
+
+    def embeddings(self, shard: str) -> np.ndarray:
+        return self.storage.reader(self.asset, shard).read_numpy(layout.EMBEDDINGS_FILE)  # memory-mapped when local
+
+    def model_info(self) -> dict:
+        return self.storage.reader(self.asset, self.shards[0]).read_json(layout.MODEL_FILE)
+
+    def key_edges(self, name: str) -> np.ndarray:
+        """Exact-duplicate edges of a string key column: 16-byte keys of every shard, one sort."""
+        from realsyn.dedup import exact_key_edges, string_keys
+
+        keys = np.empty((2, self.n), dtype=np.uint64).T  # column-major: the sort reads each key column in place
+        valid = np.empty(self.n, dtype=bool)
+        for s, lo, hi in self.ranges():
+            keys[lo:hi], valid[lo:hi] = string_keys(self.column(s, name))
+        return exact_key_edges(keys, valid)
+
+    def uint_column(self, name: str, dtype) -> np.ndarray:
+        out = np.empty(self.n, dtype=dtype)
+        for s, lo, hi in self.ranges():
+            out[lo:hi] = self.column(s, name).to_numpy()
+        return out
+
+    def take(self, name: str, rows: np.ndarray) -> pa.Array:
+        """Values of a column at sorted global rows, reading only the shards that hold them."""
+        parts = []
+        for s, lo, hi in self.ranges():
+            a, b = np.searchsorted(rows, [lo, hi])
+            if b > a:
+                parts.append(self.column(s, name).take(pa.array(rows[a:b] - lo)).combine_chunks())
+        return pa.concat_arrays(parts) if parts else pa.array([])
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """Embedding vectors at sorted global rows (float32)."""
+        out = []
+        for s, lo, hi in self.ranges():
+            a, b = np.searchsorted(rows, [lo, hi])
+            if b > a:
+                out.append(np.asarray(self.embeddings(s)[rows[a:b] - lo], dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _semantic_edges(
-    storage: Storage, asset: str, shards: Sequence[str], threshold: float, index_factory: str, stats: StepStats
-) -> np.ndarray:
-    from realsyn.dedup import SemanticIndex
+def _verify(corpus: _Corpus, pairs: np.ndarray, threshold: float) -> np.ndarray:
+    """The pairs whose exact inner product is >= threshold; vectors gathered VERIFY_ROWS at a time."""
+    from realsyn.dedup import rowwise_dot
 
-    dim = int(_model_info(storage, asset, shards[0])["dim"])
-    index = SemanticIndex(dim, threshold, index_factory=index_factory)
-    if index_factory != "Flat":
+    kept = []
+    step = max(1, VERIFY_ROWS // 2)  # a pair brings at most two new rows
+    for s in range(0, len(pairs), step):
+        block = pairs[s : s + step]
+        rows, local = np.unique(block.ravel(), return_inverse=True)
+        vectors = corpus.rows(rows)
+        local = local.reshape(-1, 2)
+        sims = rowwise_dot(vectors[local[:, 0]], vectors[local[:, 1]])
+        kept.append(block[sims >= np.float32(threshold)])
+    return np.concatenate(kept) if kept else np.zeros((0, 2), np.int64)
+
+
+def _semantic_edges(corpus: _Corpus, threshold: float, index_factory: str, nprobe: int, stats: StepStats) -> np.ndarray:
+    """Pairs with cosine >= threshold: one global index, queried shard by shard. With approximate
+    codes (SQ8) the index yields candidates at threshold - margin and every one is verified by the
+    exact inner product: in-shard pairs against the query shard, the rest in one gather pass."""
+    from realsyn.dedup import SemanticIndex, auto_index_factory, rowwise_dot
+
+    dim = int(corpus.model_info()["dim"])
+    factory = auto_index_factory(corpus.n) if index_factory == "auto" else index_factory
+    index = SemanticIndex(dim, threshold, index_factory=factory, nprobe=nprobe)
+    if not index.is_trained:
         from realsyn.clustering import ReservoirSample
 
-        sample = ReservoirSample(capacity=100_000, dim=dim, seed=0)
-        for s in shards:
-            sample.add(np.asarray(storage.reader(asset, s).read_numpy(layout.EMBEDDINGS_FILE)))
+        sample = ReservoirSample(capacity=min(corpus.n, index.train_size), dim=dim, seed=0)
+        for s, _, _ in corpus.ranges():
+            sample.add(np.asarray(corpus.embeddings(s)))
         index.train(sample.array())
-    for s in shards:
-        index.add(np.asarray(storage.reader(asset, s).read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32))
-    edges, offset = [], 0
-    for s in shards:
-        q = np.asarray(storage.reader(asset, s).read_numpy(layout.EMBEDDINGS_FILE), dtype=np.float32)
-        edges.append(index.edges(q, offset))
-        offset += len(q)
+    for s, _, _ in corpus.ranges():
+        index.add(np.asarray(corpus.embeddings(s), dtype=np.float32))
+    edges, pending, candidates = [], [], 0
+    for s, lo, hi in corpus.ranges():
+        q = np.asarray(corpus.embeddings(s), dtype=np.float32)
+        found = index.edges(q, lo)
+        if not index.approximate:
+            edges.append(found)
+            continue
+        candidates += len(found)
+        inside = found[:, 1] < hi
+        local = found[inside] - lo
+        edges.append(found[inside][rowwise_dot(q[local[:, 0]], q[local[:, 1]]) >= np.float32(threshold)])
+        pending.append(found[~inside])
+    if pending:
+        edges.append(_verify(corpus, np.concatenate(pending), threshold))
     out = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
     stats.add("semantic_edges", len(out))
+    if index.approximate:
+        stats.add("semantic_candidates", candidates)
+        stats.add("semantic_rejected", candidates - len(out))
+    if index.saturated_queries:
+        stats.add("semantic_saturated_queries", index.saturated_queries)
+    log.info("semantic dedup of %s: %s over %d vectors, %d edges", corpus.asset, factory, corpus.n, len(out))
     return out
 
 
-def _write_decisions(
-    storage: Storage,
-    asset: str,
-    shards: Sequence[str],
-    sizes: list[int],
-    ids: list[str],
-    reps: np.ndarray,
-    reasons: list[str | None],
-    info: dict,
-) -> None:
-    with storage.writer(asset) as w:
-        offset = 0
-        for s, n in zip(shards, sizes):
-            sl = slice(offset, offset + n)
-            r = reps[sl]
-            w.write_parquet(layout.decisions_file(s), decision_table(ids[sl], reasons[sl], [ids[j] for j in r]))
-            offset += n
-        w.write_json(layout.SUMMARY_FILE, info)
-
-
-def _semantic_threshold(
-    storage: Storage, asset: str, shards: Sequence[str], threshold: float | None, on_random_weights: bool
-) -> float | None:
-    if threshold is None:
+def _semantic_threshold(corpus: _Corpus, threshold: float | None, on_random_weights: bool) -> float | None:
+    if threshold is None or corpus.n == 0:
         return None
-    info = _model_info(storage, asset, shards[0])
+    info = corpus.model_info()
     if info.get("random_weights") and not on_random_weights:
         # Random-weight embeddings are not semantic: a threshold on them would collapse distinct items.
-        log.warning("%s: embeddings come from random weights (%s); semantic dedup skipped", asset, info.get("model_id"))
+        log.warning("%s: embeddings come from random weights (%s); semantic dedup skipped", corpus.asset, info.get("model_id"))
         return None
     return threshold
 
 
-def _read_index(storage: Storage, asset: str, shards: Sequence[str]) -> tuple[list[str], list[pa.Table], list[int]]:
-    shards = require_partitions(storage, asset, shards)
-    tables = [storage.reader(asset, s).read_parquet(layout.EMBEDDING_INDEX_FILE) for s in shards]
-    return shards, tables, [t.num_rows for t in tables]
-
-
-def _column(tables: list[pa.Table], name: str) -> list:
-    return [x for t in tables for x in t.column(name).to_pylist()]
-
-
-def _decide(
-    storage: Storage,
-    asset: str,
-    shards: Sequence[str],
-    sizes: list[int],
-    ids: list[str],
-    edges: list[np.ndarray],
-    priority: np.ndarray | None,
-    reason_of: Callable[[int, int], str],
-    stats: StepStats,
-    info: dict,
+def _write_decisions(
+    corpus: _Corpus, out_asset: str, id_column: str, dropped: np.ndarray, rep_of: np.ndarray, codes: np.ndarray, info: dict
 ) -> None:
-    """Union-Find over all edges, one representative per component, a reason for every other member."""
-    from realsyn.dedup import representatives
+    """Per shard: every row kept (detail: its own id) except ``dropped`` (sorted global rows; detail:
+    the id of ``rep_of``, reason ``REASONS[codes]``)."""
+    rep_rows = np.unique(rep_of)
+    rep_ids = corpus.take(id_column, rep_rows).cast(pa.string())  # the only ids held across shards
+    with corpus.storage.writer(out_asset) as w:
+        for s, lo, hi in corpus.ranges():
+            ids = corpus.column(s, id_column).combine_chunks().cast(pa.string())
+            a, b = np.searchsorted(dropped, [lo, hi])
+            local = dropped[a:b] - lo
+            reasons = np.full(hi - lo, None, dtype=object)
+            reasons[local] = REASONS[codes[a:b]]
+            source = np.arange(hi - lo, dtype=np.int64)
+            source[local] = hi - lo + np.arange(b - a)  # dropped rows take their representative's id
+            details = pa.concat_arrays([ids, rep_ids.take(pa.array(np.searchsorted(rep_rows, rep_of[a:b])))]).take(pa.array(source))
+            w.write_parquet(layout.decisions_file(s), decision_table(ids, reasons.tolist(), details))
+        w.write_json(layout.SUMMARY_FILE, info)
 
-    n = len(ids)
-    all_edges = np.concatenate([np.zeros((0, 2), np.int64), *edges]).astype(np.int64)
-    reps = representatives(n, all_edges, priority=priority)
-    reasons = [None if int(reps[i]) == i else reason_of(i, int(reps[i])) for i in range(n)]
-    stats.add("rows_in", n)
-    stats.add("rows_out", int((reps == np.arange(n)).sum()))
-    stats.add("edges", len(all_edges))
-    stats.drop_reasons(reasons)
-    _write_decisions(storage, asset, shards, sizes, ids, reps, reasons, {**info, **stats.as_dict()})
+
+def _finish(
+    corpus: _Corpus, out_asset: str, id_column: str, edges: np.ndarray, reps: tuple[np.ndarray, np.ndarray], codes_of, stats, info
+) -> None:
+    nodes, node_reps = reps
+    gone = node_reps != nodes
+    dropped, rep_of = nodes[gone], node_reps[gone]
+    codes = codes_of(dropped, rep_of)
+    stats.add("rows_in", corpus.n)
+    stats.add("rows_out", corpus.n - len(dropped))
+    stats.add("edges", len(edges))
+    for code, count in enumerate(np.bincount(codes, minlength=len(REASONS))):
+        if code and count:
+            stats.drop(REASONS[code], int(count))
+    _write_decisions(corpus, out_asset, id_column, dropped, rep_of, codes, {**info, **stats.as_dict()})
+
+
+def _concat(edges: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.zeros((0, 2), np.int64), *edges]).astype(np.int64, copy=False)
 
 
 def dedup_images(
@@ -131,36 +214,36 @@ def dedup_images(
     perceptual_max_distance: int | None = 6,
     semantic_threshold: float | None = 0.95,
     semantic_on_random_weights: bool = False,
-    index_factory: str = "Flat",
+    index_factory: str = "auto",
+    nprobe: int = 16,
 ) -> StepStats:
-    from realsyn.dedup import exact_duplicate_edges, hamming_edges
+    from realsyn.dedup import first_of, group_representatives, hamming_edges, popcount64
 
     stats = StepStats(layout.IMAGE_DEDUP)
     with stats.timed():
-        shards, tables, sizes = _read_index(storage, IMAGE_EMBEDDINGS, shards)
-        ids, sha = _column(tables, "image_id"), _column(tables, "sha256")
-        phash = np.array(_column(tables, "phash"), dtype=np.uint64)
-        pixels = np.array(_column(tables, "pixels"), dtype=np.int64)
-        edges = []
-        if exact:
-            edges.append(exact_duplicate_edges(sha))
-        if perceptual_max_distance is not None and ids:
-            edges.append(hamming_edges(phash, perceptual_max_distance))
-        threshold = _semantic_threshold(storage, IMAGE_EMBEDDINGS, shards, semantic_threshold, semantic_on_random_weights)
-        if threshold is not None and ids:
-            edges.append(_semantic_edges(storage, IMAGE_EMBEDDINGS, shards, threshold, index_factory, stats))
+        corpus = _Corpus(storage, IMAGE_EMBEDDINGS, shards)
+        # byte-identical images are named exact duplicates even when only their pHash linked them
+        sha_edges, phash = corpus.key_edges("sha256"), None
+        edges = [sha_edges] if exact else []
+        if perceptual_max_distance is not None:
+            phash = corpus.uint_column("phash", np.uint64)
+            edges.append(hamming_edges(phash, perceptual_max_distance, all_pairs=False))
+        threshold = _semantic_threshold(corpus, semantic_threshold, semantic_on_random_weights)
+        if threshold is not None:
+            edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats))
+        all_edges = _concat(edges)
+        # the largest image of a duplicate group represents it (ties: the first)
+        reps = group_representatives(all_edges, priority=lambda nodes: corpus.take("pixels", nodes).to_numpy(zero_copy_only=False))
 
-        def reason_of(i: int, rep: int) -> str:
-            if sha[i] == sha[rep]:
-                return "exact_duplicate"
-            if perceptual_max_distance is not None and bin(int(phash[i]) ^ int(phash[rep])).count("1") <= perceptual_max_distance:
-                return "perceptual_duplicate"
-            # linked to its representative only through a chain of other duplicates
-            return "near_duplicate" if threshold is None else "semantic_duplicate"
+        def codes_of(dropped: np.ndarray, rep: np.ndarray) -> np.ndarray:
+            codes = np.full(len(dropped), NEAR if threshold is None else SEMANTIC, dtype=np.int8)
+            if phash is not None:  # linked to its representative only through a chain: near/semantic
+                codes[popcount64(phash[dropped] ^ phash[rep]) <= perceptual_max_distance] = PERCEPTUAL
+            codes[first_of(sha_edges, dropped) == first_of(sha_edges, rep)] = EXACT
+            return codes
 
-        # the largest image of a duplicate group represents it
         info = {"semantic_threshold": threshold, "perceptual_max_distance": perceptual_max_distance, "exact": exact}
-        _decide(storage, layout.IMAGE_DEDUP, shards, sizes, ids, edges, pixels, reason_of, stats, info)
+        _finish(corpus, layout.IMAGE_DEDUP, "image_id", all_edges, reps, codes_of, stats, info)
     return stats
 
 
@@ -172,27 +255,30 @@ def dedup_sentences(
     normalized: bool = True,
     semantic_threshold: float | None = 0.95,
     semantic_on_random_weights: bool = False,
-    index_factory: str = "Flat",
+    index_factory: str = "auto",
+    nprobe: int = 16,
 ) -> StepStats:
-    from realsyn.dedup import exact_duplicate_edges
+    from realsyn.dedup import first_of, group_representatives
 
     stats = StepStats(layout.SENTENCE_DEDUP)
     with stats.timed():
-        shards, tables, sizes = _read_index(storage, SENTENCE_EMBEDDINGS, shards)
-        ids, sha, norm = _column(tables, "sentence_id"), _column(tables, "text_sha"), _column(tables, "norm_key")
-        edges = []
-        if exact:
-            edges.append(exact_duplicate_edges(sha))
-        if normalized:
-            edges.append(exact_duplicate_edges(norm))
-        threshold = _semantic_threshold(storage, SENTENCE_EMBEDDINGS, shards, semantic_threshold, semantic_on_random_weights)
-        if threshold is not None and ids:
-            edges.append(_semantic_edges(storage, SENTENCE_EMBEDDINGS, shards, threshold, index_factory, stats))
+        corpus = _Corpus(storage, SENTENCE_EMBEDDINGS, shards)
+        # the keys name the reason even when their edges are off (exact=False: identical texts
+        # linked through their normalised key are still exact duplicates)
+        sha_edges, norm_edges = corpus.key_edges("text_sha"), corpus.key_edges("norm_key")
+        edges = [e for e, on in ((sha_edges, exact), (norm_edges, normalized)) if on]
+        threshold = _semantic_threshold(corpus, semantic_threshold, semantic_on_random_weights)
+        if threshold is not None:
+            edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats))
+        all_edges = _concat(edges)
+        reps = group_representatives(all_edges)  # the first occurrence represents its group
 
-        def reason_of(i: int, rep: int) -> str:
-            return "exact_duplicate" if sha[i] == sha[rep] else "perceptual_duplicate" if norm[i] == norm[rep] else "semantic_duplicate"
+        def codes_of(dropped: np.ndarray, rep: np.ndarray) -> np.ndarray:
+            codes = np.full(len(dropped), SEMANTIC, dtype=np.int8)
+            codes[first_of(norm_edges, dropped) == first_of(norm_edges, rep)] = PERCEPTUAL
+            codes[first_of(sha_edges, dropped) == first_of(sha_edges, rep)] = EXACT
+            return codes
 
-        # the first occurrence represents its group
         info = {"semantic_threshold": threshold, "exact": exact, "normalized": normalized}
-        _decide(storage, layout.SENTENCE_DEDUP, shards, sizes, ids, edges, None, reason_of, stats, info)
+        _finish(corpus, layout.SENTENCE_DEDUP, "sentence_id", all_edges, reps, codes_of, stats, info)
     return stats

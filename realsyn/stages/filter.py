@@ -69,17 +69,26 @@ def filter_sentence_candidates(storage: Storage, shard: str, filters: Sequence[S
 
 
 def score_sentence_perplexity(storage: Storage, shard: str, scorer: PerplexityScorer | None) -> StepStats:
-    """Stage 5d scoring, stored as a column so a band change never rescores. ``scorer=None`` stores NaN."""
+    """Stage 5d scoring, stored as a column so a band change never rescores. ``scorer=None`` stores NaN.
+
+    Each distinct text of the shard is scored once and its score broadcast to every copy
+    (``rows_scored``: distinct texts scored; ``duplicates_not_rescored``: the other rows)."""
     stats = StepStats(layout.SENTENCE_PERPLEXITY)
     with stats.timed():
         table = storage.reader(layout.SENTENCE_CANDIDATES, shard).read_parquet(layout.SENTENCES_FILE)
         if scorer is None:
             scores = np.full(table.num_rows, np.nan, dtype=np.float32)
             model = ""
+            stats.add("rows_scored", 0)
+            stats.add("duplicates_not_rescored", 0)
         else:
-            scores = np.asarray(scorer.score(table.column("text").to_pylist()), dtype=np.float32)
+            # exact text dedup inside the shard; nulls stay one entry, as the scorer saw them before
+            encoded = table.column("text").combine_chunks().dictionary_encode(null_encoding="encode")
+            distinct = np.asarray(scorer.score(encoded.dictionary.to_pylist()), dtype=np.float32)
+            scores = distinct[encoded.indices.to_numpy(zero_copy_only=False)]
             model = scorer.model_id
-        stats.add("rows_scored", 0 if scorer is None else table.num_rows)
+            stats.add("rows_scored", len(encoded.dictionary))
+            stats.add("duplicates_not_rescored", table.num_rows - len(encoded.dictionary))
         out = table.append_column("perplexity", pa.array(scores, pa.float32())).append_column(
             "perplexity_model", pa.array([model] * table.num_rows, pa.string())
         )

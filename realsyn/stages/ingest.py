@@ -16,8 +16,19 @@ def ingest_shard(
     reader: PluginSpec | dict | str = "obelics",
     fetch_timeout_s: float = 10.0,
     max_image_bytes: int = 20_000_000,
+    max_image_pixels: int = 40_000_000,
+    input_uri: str | None = None,
+    fetch_policy: dict | None = None,
 ) -> tuple[StepStats, StepStats]:
-    """Read one input shard once with the configured input reader; write its image DB and sentence DB."""
+    """Read one input shard once with the configured input reader; write its image DB and sentence DB.
+
+    Images are fetched under ``FetchPolicy.for_input(input_uri, **fetch_policy)`` (default deny:
+    public web, local paths under the input folder, objects under the input prefix); without
+    ``input_uri`` the shard's own folder is the input root.
+    """
+    import os
+
+    from realsyn.fetch_policy import FetchPolicy
     from realsyn.image_db import ImageFetcher, build_image_table, build_sentence_table
     from realsyn.text.sentences import SentenceSplitter
 
@@ -25,7 +36,10 @@ def ingest_shard(
     image_stats, sentence_stats = StepStats(layout.IMAGE_DB), StepStats(layout.SENTENCE_DB)
     with image_stats.timed():
         docs = list(input_reader.iter_documents(shard_uri, image_stats))  # one shard fits in memory (SPEC data flow)
-        images = build_image_table(docs, shard, ImageFetcher(timeout_s=fetch_timeout_s, max_bytes=max_image_bytes), image_stats)
+        root = input_uri or (shard_uri.rsplit("/", 1)[0] if "://" in shard_uri else os.path.dirname(os.path.abspath(shard_uri)))
+        policy = FetchPolicy.for_input(root, **(fetch_policy or {}))
+        fetcher = ImageFetcher(timeout_s=fetch_timeout_s, max_bytes=max_image_bytes, policy=policy, max_pixels=max_image_pixels)
+        images = build_image_table(docs, shard, fetcher, image_stats)
     with sentence_stats.timed():
         sentence_stats.add("documents_in", len(docs))
         sentences = build_sentence_table(docs, shard, SentenceSplitter(), sentence_stats)

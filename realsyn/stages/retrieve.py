@@ -1,85 +1,137 @@
-"""Stage 7: hierarchical retrieval of the top-k real sentences per kept image from the sentence bank."""
+"""Stage 7: the top-k real sentences of every kept image, in one global pass over the sentence bank.
+
+Reads every shard's kept images (image_embeddings + image_dedup decisions) and the cluster-ordered
+bank of sentence_clusters (``bank/part-*.npy|.parquet``, ``clusters.parquet``), runs
+``realsyn.retrieval.cluster_ordered_search`` (each image assigned once to its probed clusters, the
+bank streamed once in cluster order, one product per cluster) and writes one generation holding
+``shards/{shard}.parquet`` (RETRIEVAL_SCHEMA, rows in the shard's kept-image order) for every shard.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from realsyn import layout
-from realsyn.stages.common import kept_image_embeddings
+from realsyn.stages.common import dedup_kept_mask, kept_image_embeddings, kept_image_ids, require_partitions
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
 
-class ClusterBank:
-    """Reads the cluster-ordered sentence bank, one part in memory at a time."""
+class SentenceBank:
+    """The cluster-ordered sentence bank of sentence_clusters: centroids, layout, parts on demand."""
 
     def __init__(self, storage: Storage):
+        from realsyn.retrieval import BankLayout
+
         self.reader = storage.reader(layout.SENTENCE_CLUSTERS)
         self.centroids = np.asarray(self.reader.read_numpy(layout.CENTROIDS_FILE), dtype=np.float32)
-        bank_layout = self.reader.read_parquet(layout.CLUSTER_LAYOUT_FILE)
-        self.part = bank_layout.column("part").to_numpy()
-        self.start = bank_layout.column("start").to_numpy()
-        self.end = bank_layout.column("end").to_numpy()
-        n_parts = int(self.part.max()) + 1 if len(self.part) else 0
-        # global bank row id = part base + row within part
-        part_sizes = [int(self.end[self.part == p].max(initial=0)) for p in range(n_parts)]
-        self.part_base = np.concatenate([[0], np.cumsum(part_sizes)]).astype(np.int64)
-        self._loaded: tuple[int, np.ndarray, pa.Table] | None = None
-        self.parts_loaded = 0
+        table = self.reader.read_parquet(layout.CLUSTER_LAYOUT_FILE, columns=["cluster", "part", "start", "end"])
+        cluster = table.column("cluster").to_numpy()
+        if len(cluster) != len(self.centroids) or not np.array_equal(np.sort(cluster), np.arange(len(self.centroids))):
+            raise ValueError(f"{layout.CLUSTER_LAYOUT_FILE} does not list each of the {len(self.centroids)} clusters once")
+        order = np.argsort(cluster)
+        self.layout = BankLayout(*(table.column(c).to_numpy()[order] for c in ("part", "start", "end")))
+        self.parts_read = 0
 
-    def _load_part(self, p: int) -> tuple[np.ndarray, pa.Table]:
-        if self._loaded is None or self._loaded[0] != p:
-            emb = np.asarray(self.reader.read_numpy(f"bank/part-{p:05d}.npy"), dtype=np.float32)
-            tab = self.reader.read_parquet(f"bank/part-{p:05d}.parquet", columns=["sentence_id", "text"])
-            self._loaded = (p, emb, tab)
-            self.parts_loaded += 1
-        return self._loaded[1], self._loaded[2]
+    def load_part(self, part: int) -> np.ndarray:
+        self.parts_read += 1
+        return np.asarray(self.reader.read_numpy(layout.bank_part_file(part, "npy")), dtype=np.float32)
 
-    def load_cluster(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        p, s, e = int(self.part[c]), int(self.start[c]), int(self.end[c])
-        emb, _ = self._load_part(p)
-        return np.arange(self.part_base[p] + s, self.part_base[p] + e, dtype=np.int64), emb[s:e]
-
-    def lookup(self, row_ids: np.ndarray) -> tuple[list[str], list[str]]:
-        """(sentence_ids, texts) of global bank rows, loading each part once."""
-        sids: list[str] = [""] * len(row_ids)
-        texts: list[str] = [""] * len(row_ids)
-        parts = np.searchsorted(self.part_base, row_ids, side="right") - 1
-        for p in np.unique(parts):
-            _, tab = self._load_part(int(p))
-            idx = np.flatnonzero(parts == p)
-            local = pa.array(row_ids[idx] - self.part_base[p])
-            for i, sid, text in zip(idx, tab.column("sentence_id").take(local).to_pylist(), tab.column("text").take(local).to_pylist()):
-                sids[i], texts[i] = sid, text
-        return sids, texts
+    def texts(self, rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """(sentence_id, text) of sorted unique global bank rows, reading each part that holds one once."""
+        part_of = np.searchsorted(self.layout.part_base, rows, side="right") - 1
+        ids, texts = [], []
+        for p in np.unique(part_of).tolist():
+            local = rows[part_of == p] - self.layout.part_base[p]
+            tab = self.reader.read_parquet(layout.bank_part_file(p, "parquet"), columns=["sentence_id", "text"]).take(pa.array(local))
+            ids.append(tab.column("sentence_id").combine_chunks())
+            texts.append(tab.column("text").combine_chunks())
+        if not ids:
+            return pa.array([], pa.string()), pa.array([], pa.string())
+        return pa.concat_arrays(ids), pa.concat_arrays(texts)
 
 
-def retrieve_for_shard(storage: Storage, shard: str, *, k: int = 3, n_probe: int = 1) -> StepStats:
-    """Top-k real sentences for each kept image of one shard, best first."""
-    from realsyn.retrieval import hierarchical_search
+def _lists(offsets: np.ndarray, values: pa.Array, value_type: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values.cast(value_type))
+
+
+def retrieve_all(
+    storage: Storage,
+    shards: Sequence[str],
+    *,
+    k: int = 3,
+    n_probe: int = 1,
+    threads: int = 0,
+    max_image_gb: float | None = None,
+) -> StepStats:
+    """Top-k real sentences, best first, for the kept images of every shard, in one pass over the bank.
+
+    ``threads``: 0 = every core. ``max_image_gb``: None holds every kept image embedding in memory
+    once; a number bounds the gathered image embeddings per round of bank parts (images are re-read
+    from storage once per round). The result does not depend on the order of ``shards``.
+    """
+    from realsyn.clustering import CentroidIndex
+    from realsyn.retrieval import cluster_ordered_search
 
     stats = StepStats(layout.RETRIEVALS)
     with stats.timed():
-        image_ids, emb = kept_image_embeddings(storage, shard)
-        bank = ClusterBank(storage)
-        row_ids, scores = hierarchical_search(emb, bank.centroids, bank.load_cluster, n_probe=min(n_probe, len(bank.centroids)), k=k)
-        valid = row_ids >= 0
-        sids, texts = bank.lookup(row_ids[valid])
-        it = iter(zip(sids, texts))
-        out_ids, out_texts, out_scores = [], [], []
-        for i in range(len(image_ids)):
-            pairs = [next(it) for _ in range(int(valid[i].sum()))]
-            out_ids.append([p[0] for p in pairs])
-            out_texts.append([p[1] for p in pairs])
-            out_scores.append([float(x) for x in scores[i][valid[i]]])
-        table = pa.table(
-            {"image_id": image_ids, "sentence_ids": out_ids, "texts": out_texts, "scores": out_scores}, schema=layout.RETRIEVAL_SCHEMA
+        shards = require_partitions(storage, layout.IMAGE_EMBEDDINGS, sorted(shards))
+        counts = [int(dedup_kept_mask(storage, layout.IMAGE_DEDUP, s).sum()) for s in shards]
+        bank = SentenceBank(storage)
+
+        def image_batches() -> Iterator[np.ndarray]:
+            for shard, n in zip(shards, counts):
+                if n:
+                    yield kept_image_embeddings(storage, shard)[1]
+
+        max_bytes = None if max_image_gb is None else int(max_image_gb * 2**30)
+        result = cluster_ordered_search(
+            image_batches,
+            CentroidIndex(bank.centroids),
+            bank.layout,
+            bank.load_part,
+            n_probe=n_probe,
+            k=k,
+            threads=threads,
+            max_image_bytes=max_bytes,
         )
-        stats.add("images", len(image_ids))
-        stats.add("texts_retrieved", int(valid.sum()))
-        short = int((valid.sum(axis=1) < k).sum()) if len(image_ids) else 0
-        stats.add("images_with_fewer_than_k", short)
-        with storage.writer(layout.RETRIEVALS, shard) as w:
-            w.write_parquet(layout.RETRIEVALS_FILE, table)
+        row_ids, scores = result.row_ids, result.scores
+        if len(row_ids) != sum(counts):
+            raise RuntimeError(f"retrievals: {len(row_ids)} results for {sum(counts)} kept images")
+        valid = row_ids >= 0
+        rows, inverse = np.unique(row_ids[valid], return_inverse=True)  # row-major order of the valid slots
+        sentence_ids, texts = bank.texts(rows)
+        slot_of = np.full(row_ids.shape, -1, np.int64)
+        slot_of[valid] = inverse
+
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        with storage.writer(layout.RETRIEVALS) as w:
+            for i, shard in enumerate(shards):
+                a, b = int(bounds[i]), int(bounds[i + 1])
+                ok = valid[a:b]
+                offsets = np.concatenate([[0], np.cumsum(ok.sum(axis=1))])
+                take = pa.array(slot_of[a:b][ok])
+                table = pa.table(
+                    {
+                        "image_id": pa.array(kept_image_ids(storage, shard) if b > a else [], pa.string()),
+                        "sentence_ids": _lists(offsets, sentence_ids.take(take), pa.string()),
+                        "texts": _lists(offsets, texts.take(take), pa.string()),
+                        "scores": _lists(offsets, pa.array(scores[a:b][ok]), pa.float32()),
+                    },
+                    schema=layout.RETRIEVAL_SCHEMA,
+                )
+                w.write_parquet(layout.retrievals_file(shard), table)
+            stats.add("shards", len(shards))
+            stats.add("images", len(row_ids))
+            stats.add("texts_retrieved", int(valid.sum()))
+            stats.add("images_with_fewer_than_k", int((valid.sum(axis=1) < k).sum()) if len(row_ids) else 0)
+            stats.add("bank_parts_read", bank.parts_read)
+            stats.add("image_rounds", result.stats["rounds"])
+            stats.add("probed_pairs", result.stats["pairs"])
+            stats.add("distances", result.stats["distances"])
+            summary = {key: v for key, v in stats.as_dict().items() if key != "seconds"}  # still timing here
+            w.write_json(layout.SUMMARY_FILE, {**summary, "pass_seconds": {n: round(v, 3) for n, v in result.seconds.items()}})
     return stats

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -12,8 +14,8 @@ import pyarrow as pa
 from realsyn import layout
 from realsyn.decisions import decision_table
 from realsyn.plugins import PluginSpec, build_plugin
-from realsyn.plugins.kinds import PerplexityScorer
-from realsyn.stages.common import require_partitions
+from realsyn.plugins.kinds import PerplexityScorer, Sampler
+from realsyn.stages.common import read_retrievals, require_partitions
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
@@ -27,77 +29,141 @@ class SplitSpec:
 
 
 class _Candidates:
-    """Per-shard candidate tables for the samplers: image_id, cluster, real_texts, synthetic_caption[, text_perplexity].
+    """Per-shard candidate tables for the samplers: the image clusters' assignments (image_id, cluster)
+    joined with the columns the samplers need: ``real_texts`` (retrievals), ``synthetic_caption``
+    (captions) and ``text_perplexity`` (scored with the scorer ``perplexity_scorer()`` builds).
 
-    ``text_perplexity`` is scored only when a sampler requires it, with the scorer ``perplexity_scorer()`` builds.
+    Each shard's table is built (read and joined) once per ``sample_splits`` call, with the columns
+    every sampler of every split needs, and spilled to a local Arrow IPC file (zstd) under ``spill_dir``;
+    each pass of a sampler chain memory-maps it back instead of re-reading and re-joining.
     """
 
-    def __init__(self, storage: Storage, perplexity_scorer: Callable[[], PerplexityScorer | None] | None = None):
-        self.storage, self.scorer_factory = storage, perplexity_scorer
-        self._perplexity: dict[str, np.ndarray] = {}
+    def __init__(
+        self,
+        storage: Storage,
+        need: Sequence[str],
+        spill_dir: str,
+        perplexity_scorer: Callable[[], PerplexityScorer | None] | None = None,
+    ):
+        self.storage, self.need, self.spill_dir, self.scorer_factory = storage, set(need), spill_dir, perplexity_scorer
+        self._spilled: dict[str, str] = {}
+        self._scorer: PerplexityScorer | None = None
 
-    def table(self, shard: str, need: Sequence[str] = ()) -> pa.Table:
-        assigned = self.storage.reader(layout.IMAGE_CLUSTERS).read_parquet(layout.assignments_file(shard))
-        ids = assigned.column("image_id").to_pylist()
-        retr = self.storage.reader(layout.RETRIEVALS, shard).read_parquet(layout.RETRIEVALS_FILE, columns=["image_id", "texts"])
-        caps = self.storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(
-            layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption"]
-        )
-        rpos = {x: i for i, x in enumerate(retr.column("image_id").to_pylist())}
-        cpos = {x: i for i, x in enumerate(caps.column("image_id").to_pylist())}
-        table = assigned.append_column("real_texts", retr.column("texts").take(pa.array([rpos[i] for i in ids], pa.int64())))
-        table = table.append_column(
-            "synthetic_caption", caps.column("synthetic_caption").take(pa.array([cpos[i] for i in ids], pa.int64()))
-        )
-        if "text_perplexity" in need:
-            if shard not in self._perplexity:
-                scorer = self.scorer_factory() if self.scorer_factory else None
-                if scorer is None:
+    def table(self, shard: str) -> pa.Table:
+        path = self._spilled.get(shard)
+        if path is None:
+            path = os.path.join(self.spill_dir, f"{len(self._spilled)}.arrow")
+            table = self._build(shard)
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=_SPILL_OPTIONS) as writer:
+                writer.write_table(table)
+            self._spilled[shard] = path
+            return table
+        return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+
+    def _build(self, shard: str) -> pa.Table:
+        table = self.storage.reader(layout.IMAGE_CLUSTERS).read_parquet(layout.assignments_file(shard))
+        ids = table.column("image_id").to_pylist()
+        if "real_texts" in self.need:
+            retr = read_retrievals(self.storage, shard, columns=["image_id", "texts"])
+            rpos = {x: i for i, x in enumerate(retr.column("image_id").to_pylist())}
+            table = table.append_column("real_texts", retr.column("texts").take(pa.array([rpos[i] for i in ids], pa.int64())))
+        if "synthetic_caption" in self.need or "text_perplexity" in self.need:
+            caps = self.storage.reader(layout.SYNTHETIC_CAPTIONS, shard).read_parquet(
+                layout.CAPTIONS_FILE, columns=["image_id", "synthetic_caption"]
+            )
+            cpos = {x: i for i, x in enumerate(caps.column("image_id").to_pylist())}
+            table = table.append_column(
+                "synthetic_caption", caps.column("synthetic_caption").take(pa.array([cpos[i] for i in ids], pa.int64()))
+            )
+        if "text_perplexity" in self.need:
+            if self._scorer is None:
+                self._scorer = self.scorer_factory() if self.scorer_factory else None
+                if self._scorer is None:
                     raise ValueError("a sampler needs text_perplexity but no perplexity scorer is configured")
-                self._perplexity[shard] = np.asarray(scorer.score(table.column("synthetic_caption").to_pylist()), np.float32)
-            table = table.append_column("text_perplexity", pa.array(self._perplexity[shard]))
+            scores = np.asarray(self._scorer.score(table.column("synthetic_caption").to_pylist()), np.float32)
+            table = table.append_column("text_perplexity", pa.array(scores))
         return table
 
 
-def _fit_and_decide(
-    w,
-    split: str,
-    position: int,
-    spec: PluginSpec,
-    shards: Sequence[str],
-    cands: _Candidates,
-    reasons: dict[str, np.ndarray],
-    dropped_by: dict[str, np.ndarray],
-) -> None:
-    """Fit one sampler of the chain on what is still alive, then record its own reason for each row it drops."""
-    sampler = build_plugin("sampler", spec)
-    need = tuple(sampler.required_columns)
+_SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
-    def alive(s: str) -> np.ndarray:
-        return np.array([r is None for r in reasons[s]], dtype=bool)
 
-    def batches() -> Iterator[pa.Table]:
-        for s in shards:
-            yield cands.table(s, need).filter(pa.array(alive(s)))
+class _SplitRun:
+    """One split's sampler chain over the shards, in ``len(samplers) + 1`` passes.
 
-    state = sampler.fit(batches())
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
-    w.write_bytes(f"{split}/state-{position}-{_file_safe(spec.name)}.npz", buf.getvalue())
-    for name, blob in sampler.report(state).items():
-        if isinstance(blob, pa.Table):
-            w.write_parquet(f"{split}/report-{position}-{name}", blob)
-        else:
-            w.write_bytes(f"{split}/report-{position}-{name}", blob)
-    for s in shards:
-        live = np.flatnonzero(alive(s))
-        got = sampler.reasons(cands.table(s, need).filter(pa.array(alive(s))), state)
+    Pass 0 fits the first sampler; pass ``k`` decides shard by shard with sampler ``k - 1`` (its own
+    reason for every row it drops, detail = its name) and feeds what is still alive to sampler ``k``'s
+    fit; the last pass decides with the last sampler and writes each shard's selection and decisions.
+    A sampler's ``reasons`` thus sees exactly the batches its ``fit`` saw, in the same order.
+    """
+
+    def __init__(self, w, split: SplitSpec, samplers: list[Sampler], shards: Sequence[str], cands: _Candidates, stats: StepStats):
+        self.w, self.split, self.samplers, self.shards, self.cands, self.stats = w, split, samplers, shards, cands, stats
+        self.reasons: dict[str, np.ndarray] = {}
+        self.dropped_by: dict[str, np.ndarray] = {}
+        self.states: list[dict[str, np.ndarray]] = []
+
+    def run(self) -> None:
+        for position, sampler in enumerate(self.samplers):
+            batches = self._pass(position - 1)
+            state = sampler.fit(batches)
+            for _ in batches:  # decisions of the previous sampler on shards this fit did not read
+                pass
+            self._save(position, sampler, state)
+        for shard, table in zip(self.shards, self._pass(len(self.samplers) - 1, alive_only=False)):
+            reasons = self.reasons[shard]
+            keep = np.array([r is None for r in reasons], dtype=bool)
+            self.w.write_parquet(
+                layout.split_selection_file(self.split.name, shard), table.select(["image_id", "cluster"]).filter(pa.array(keep))
+            )
+            self.w.write_parquet(
+                layout.split_decisions_file(self.split.name, shard),
+                decision_table(table.column("image_id"), list(reasons), list(self.dropped_by[shard])),
+            )
+            self.stats.add("rows_in", table.num_rows)
+            self.stats.add("rows_out", int(keep.sum()))
+            self.stats.drop_reasons(reasons)
+
+    def _pass(self, decide_with: int, alive_only: bool = True) -> Iterator[pa.Table]:
+        """Per shard: sampler ``decide_with`` decides (none when -1), then the rows still alive (or all)."""
+        for shard in self.shards:
+            table = self.cands.table(shard)
+            if shard not in self.reasons:
+                self.reasons[shard] = np.full(table.num_rows, None, dtype=object)
+                self.dropped_by[shard] = np.full(table.num_rows, None, dtype=object)
+            if decide_with >= 0:
+                self._decide(decide_with, shard, table)
+            if alive_only:
+                table = table.filter(pa.array(self._alive(shard)))
+            yield table
+
+    def _alive(self, shard: str) -> np.ndarray:
+        return np.array([r is None for r in self.reasons[shard]], dtype=bool)
+
+    def _decide(self, position: int, shard: str, table: pa.Table) -> None:
+        spec, sampler = self.split.samplers[position], self.samplers[position]
+        alive = self._alive(shard)
+        live = np.flatnonzero(alive)
+        got = sampler.reasons(table.filter(pa.array(alive)), self.states[position])
         if len(got) != len(live):
             raise ValueError(f"sampler {spec.name!r} returned {len(got)} reasons for {len(live)} rows")
+        reasons, dropped_by = self.reasons[shard], self.dropped_by[shard]
         for row, reason in zip(live, got):
             if reason is not None:
-                reasons[s][row] = reason
-                dropped_by[s][row] = spec.name
+                reasons[row] = reason
+                dropped_by[row] = spec.name
+
+    def _save(self, position: int, sampler: Sampler, state: dict[str, np.ndarray]) -> None:
+        spec = self.split.samplers[position]
+        self.states.append(state)
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
+        self.w.write_bytes(f"{self.split.name}/state-{position}-{_file_safe(spec.name)}.npz", buf.getvalue())
+        for name, blob in sampler.report(state).items():
+            if isinstance(blob, pa.Table):
+                self.w.write_parquet(f"{self.split.name}/report-{position}-{name}", blob)
+            else:
+                self.w.write_bytes(f"{self.split.name}/report-{position}-{name}", blob)
 
 
 def sample_splits(
@@ -107,32 +173,24 @@ def sample_splits(
     *,
     perplexity_scorer: Callable[[], PerplexityScorer | None] | None = None,
 ) -> dict[str, StepStats]:
-    """Fit each split's sampler chain on compact per-shard tables, then decide shard by shard."""
+    """Fit each split's sampler chain on compact per-shard tables, then decide shard by shard.
+
+    Each shard's candidate table is built once (see ``_Candidates``) and every split's chain runs in
+    ``len(samplers) + 1`` passes over it (see ``_SplitRun``).
+    """
     if not splits:
         raise ValueError("sampled_splits: no split configured")
     shards = require_partitions(storage, layout.FILTERED_PAIRS, shards)
-    cands = _Candidates(storage, perplexity_scorer)
+    chains = [[build_plugin("sampler", spec) for spec in split.samplers] for split in splits]
+    need = {column for chain in chains for sampler in chain for column in sampler.required_columns}
     all_stats: dict[str, StepStats] = {}
-    with storage.writer(layout.SAMPLED_SPLITS) as w:
+    with tempfile.TemporaryDirectory(prefix="realsyn-sample-") as spill_dir, storage.writer(layout.SAMPLED_SPLITS) as w:
+        cands = _Candidates(storage, sorted(need), spill_dir, perplexity_scorer)
         summary = {}
-        for split in splits:
+        for split, samplers in zip(splits, chains):
             stats = StepStats(f"{layout.SAMPLED_SPLITS}:{split.name}")
             with stats.timed():
-                base = {s: cands.table(s) for s in shards}
-                reasons = {s: np.full(t.num_rows, None, dtype=object) for s, t in base.items()}
-                dropped_by = {s: np.full(t.num_rows, None, dtype=object) for s, t in base.items()}
-                for i, spec in enumerate(split.samplers):
-                    _fit_and_decide(w, split.name, i, spec, shards, cands, reasons, dropped_by)
-                for s, t in base.items():
-                    keep = np.array([r is None for r in reasons[s]], dtype=bool)
-                    w.write_parquet(layout.split_selection_file(split.name, s), t.select(["image_id", "cluster"]).filter(pa.array(keep)))
-                    w.write_parquet(
-                        layout.split_decisions_file(split.name, s),
-                        decision_table(t.column("image_id"), list(reasons[s]), list(dropped_by[s])),
-                    )
-                    stats.add("rows_in", t.num_rows)
-                    stats.add("rows_out", int(keep.sum()))
-                    stats.drop_reasons(reasons[s])
+                _SplitRun(w, split, samplers, shards, cands, stats).run()
             all_stats[split.name] = stats
             summary[split.name] = {"samplers": [spec.model_dump() for spec in split.samplers], **stats.as_dict()}
         w.write_json(layout.SUMMARY_FILE, summary)
