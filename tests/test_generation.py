@@ -266,7 +266,7 @@ def test_generate_captions_appends_only_new_captions_and_retries_empty_ones(tmp_
     write_retrievals(
         storage,
         {
-            "s1":            pa.table(
+            "s1": pa.table(
                 {
                     "image_id": [f"img{i}" for i in range(20)],
                     "sentence_ids": [[f"s{i}"] for i in range(20)],

@@ -23,8 +23,9 @@ class FakeVllm:
     ``always`` makes every completion return that status.
     """
 
-    def __init__(self, fail_first=(), always=None, reject_containing=None, retry_after=None, echo_auth=False):
+    def __init__(self, fail_first=(), always=None, reject_containing=None, retry_after=None, echo_auth=False, fail_containing=None):
         self.fail_first = list(fail_first)
+        self.fail_containing = fail_containing
         self.retry_after = retry_after
         self.echo_auth = echo_auth
         self.always = always
@@ -80,6 +81,8 @@ class FakeVllm:
                 last_user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
                 if fake.reject_containing and fake.reject_containing in last_user:
                     return self._send(400, {"error": "prompt too long"})
+                if fake.fail_containing and fake.fail_containing in last_user:
+                    return self._send(500, {"error": "worker crashed"})
                 with fake.lock:
                     fake.requests.append(body)
                 self._send(
@@ -363,3 +366,49 @@ def test_failure_alert_sensor_redacts_log_and_webhook(monkeypatch):
         httpd.server_close()
     assert len(posted) == 1 and "failed at ['boom']" in posted[0]["text"]
     assert SECRET not in posted[0]["text"] and "http://***@vllm:8000" in posted[0]["text"]
+
+
+def test_one_failing_prompt_keeps_the_other_completions_and_the_step_caches_them(tmp_path):
+    """A batch of 8 with one prompt that always fails: the 7 finished completions are cached before
+    the step fails, and a retry against a healthy server generates only the failed one."""
+    import pyarrow as pa
+
+    from realsyn import layout
+    from realsyn.generation.base import PartialBatchError
+    from realsyn.generation.cache import CaptionCacheStore
+    from realsyn.stages.caption import generate_captions
+    from realsyn.stages.common import write_retrievals
+    from realsyn.storage import Storage
+
+    with FakeVllm(fail_containing="number 3 ") as server:
+        backend = VllmOpenAIBackend(server.url, MODEL, retries=0, max_concurrency=4)
+        with pytest.raises(PartialBatchError) as err:
+            backend.generate(_prompts(8), max_new_tokens=8, temperature=0.0)
+        assert sorted(err.value.completed) == [0, 1, 2, 4, 5, 6, 7] and isinstance(err.value.cause, VllmRequestError)
+
+        storage = Storage(str(tmp_path))
+        texts = [[f"sentence number {i} about a red boat"] for i in range(8)]
+        write_retrievals(
+            storage,
+            {
+                "s": pa.table(
+                    {
+                        "image_id": [f"img{i}" for i in range(8)],
+                        "sentence_ids": [[f"s{i}"] for i in range(8)],
+                        "texts": texts,
+                        "scores": pa.array([[1.0]] * 8, pa.list_(pa.float32())),
+                    },
+                    schema=layout.RETRIEVAL_SCHEMA,
+                )
+            },
+        )
+        with pytest.raises(PartialBatchError):
+            generate_captions(storage, "s", backend, batch_size=8)
+        backend.close()
+    assert len(CaptionCacheStore(storage, "s").load()) == 7
+    with FakeVllm() as healthy:
+        backend = VllmOpenAIBackend(healthy.url, MODEL, retries=0, max_concurrency=4)
+        stats = generate_captions(storage, "s", backend, batch_size=8)
+        backend.close()
+    assert (stats.counts["generated"], stats.counts["cached"]) == (1, 7)
+    assert len(healthy.requests) == 1

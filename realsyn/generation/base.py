@@ -33,3 +33,13 @@ def clean_caption(text: str | None) -> str:
         text = _PREFIX.sub("", text, count=1).strip()
         text = _unquote(text)
     return " ".join(text.split())
+
+
+class PartialBatchError(RuntimeError):
+    """A batch failed after some of its prompts completed: ``completed`` maps batch position to text,
+    so the caller can keep (cache) every finished completion before the error propagates."""
+
+    def __init__(self, completed: dict[int, str], cause: BaseException):
+        super().__init__(f"{len(completed)} prompts of the batch completed before it failed: {cause}")
+        self.completed = completed
+        self.cause = cause

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn import layout
+from realsyn.generation.base import PartialBatchError
 from realsyn.generation.prompts import prompt_sha
 from realsyn.storage import Storage
 
@@ -204,7 +205,14 @@ def generate_with_cache(
     keys = list(todo)
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
-        outputs = backend.generate([items[todo[k][0]][1] for k in chunk], max_new_tokens=max_new_tokens, temperature=temperature)
+        try:
+            outputs = backend.generate([items[todo[k][0]][1] for k in chunk], max_new_tokens=max_new_tokens, temperature=temperature)
+        except PartialBatchError as exc:
+            # cache what finished before the failure, then let the step fail (a retry generates only the rest)
+            for pos, text in exc.completed.items():
+                if isinstance(text, str) and text.strip():
+                    cache.put(chunk[pos][0], chunk[pos][1], text, model_id)
+            raise
         if len(outputs) != len(chunk):
             raise RuntimeError(f"backend {model_id!r} returned {len(outputs)} captions for {len(chunk)} prompts")
         for key, text in zip(chunk, outputs):

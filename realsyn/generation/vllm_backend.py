@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from realsyn.generation.base import clean_caption
+from realsyn.generation.base import PartialBatchError, clean_caption
 from realsyn.net import DeadlineHTTPConnection
 from realsyn.plugins.kinds import GenerationBackend
 from realsyn.redact import redact, strip_userinfo
@@ -250,12 +250,17 @@ class VllmOpenAIBackend(GenerationBackend):
         if not batch:
             return []
         futures = [self._pool().submit(self._complete, m, max_new_tokens, temperature) for m in batch]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()  # requests not yet started are dropped; the batch fails as a whole
-            raise
+        # every request runs to its end, so one failing prompt never discards the others' completions
+        completed: dict[int, str] = {}
+        first_error: BaseException | None = None
+        for i, f in enumerate(futures):
+            try:
+                completed[i] = f.result()
+            except Exception as exc:  # noqa: BLE001 - kept and re-raised below with the completions
+                first_error = first_error or exc
+        if first_error is not None:
+            raise PartialBatchError(completed, first_error) from first_error
+        return [completed[i] for i in range(len(batch))]
 
     def check(self) -> list[str]:
         """Served model ids from ``GET /v1/models``; raises unless this backend's model is among them."""

@@ -57,13 +57,17 @@ def generate_captions(
         cache_store = CaptionCacheStore(storage, shard)
         cache = cache_store.load()
         captions: list[str] = []
-        for chunk in batched(list(zip(image_ids, messages)), max(1, batch_size) * 4):
-            got, n_cached, n_generated = generate_with_cache(list(chunk), backend, cache, backend.model_id, params, batch_size)
-            captions.extend(got)
-            stats.add("cached", n_cached)
-            stats.add("generated", n_generated)
-            if n_generated:
-                cache_store.append(cache)
+        try:
+            for chunk in batched(list(zip(image_ids, messages)), max(1, batch_size) * 4):
+                got, n_cached, n_generated = generate_with_cache(list(chunk), backend, cache, backend.model_id, params, batch_size)
+                captions.extend(got)
+                stats.add("cached", n_cached)
+                stats.add("generated", n_generated)
+                if n_generated:
+                    cache_store.append(cache)
+        finally:
+            # a failed batch's finished completions (and anything not yet flushed) survive the failure
+            cache_store.append(cache)
         status = ["ok" if c.strip() else "empty" for c in captions]
         stats.drop_reasons([None if s == "ok" else "empty_caption" for s in status])
         table = pa.table(
