@@ -259,6 +259,8 @@ class VllmOpenAIBackend(GenerationBackend):
             except Exception as exc:  # noqa: BLE001 - kept and re-raised below with the completions
                 first_error = first_error or exc
         if first_error is not None:
+            if not completed:
+                raise first_error
             raise PartialBatchError(completed, first_error) from first_error
         return [completed[i] for i in range(len(batch))]
 
