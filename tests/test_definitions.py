@@ -62,3 +62,20 @@ def test_code_location_loads_fast_without_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[1] == ""  # heavy libraries load only inside the steps that use them
     assert float(out[0]) < 20
+
+
+def test_stages_map_one_to_one_onto_asset_modules_and_groups():
+    """Each stage is one core module, one Dagster module and one asset group (realsyn.layout)."""
+    import importlib
+
+    from realsyn import layout
+
+    defs = build_definitions("local", input_uri="/tmp/in", storage_root="/tmp/out")
+    graph = defs.resolve_asset_graph()
+    groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups == set(layout.STAGES)
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).group_name == layout.STAGE_OF[key.to_user_string()]
+    for stage in layout.STAGES:
+        importlib.import_module(f"realsyn.stages.{stage}")
+        importlib.import_module(f"assets.{stage}")

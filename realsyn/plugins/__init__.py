@@ -145,10 +145,6 @@ def build_plugin(kind: str, spec: PluginSpec | dict[str, Any] | str, **extra: An
         raise PluginConfigError(f"{kind} {spec.name!r}: {exc}") from None
 
 
-def known_plugins() -> dict[str, list[str]]:
-    return {kind: sorted(REGISTRY.get(kind, {})) for kind in KINDS}
-
-
 __all__ = [
     "REGISTRY",
     "KINDS",
@@ -156,7 +152,6 @@ __all__ = [
     "PluginConfigError",
     "PluginSpec",
     "build_plugin",
-    "known_plugins",
     "params_model",
     "plugin_class",
     "validate_params",
