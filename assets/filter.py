@@ -10,10 +10,16 @@ from realsyn.stages import filter as stage
 from resources import PerplexityScorerResource, StorageResource
 
 
-def _filters(kind: str, configs) -> list:
+def _filter_shards(
+    context: dg.AssetExecutionContext, storage: StorageResource, asset: str, kind: str, configs, run
+) -> dg.MaterializeResult:
+    """Build the configured filter chain once, run it over each partition, report drops by reason."""
     from realsyn.plugins import build_plugin
 
-    return [build_plugin(kind, c.spec()) for c in configs]
+    filters = [build_plugin(kind, c.spec()) for c in configs]
+    stats = [run(storage.get(), shard, filters) for shard in context.partition_keys]
+    names = ", ".join(c.name for c in configs)
+    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), filters=names, path=storage.get().uri(asset)))
 
 
 @shard_asset(
@@ -22,13 +28,7 @@ def _filters(kind: str, configs) -> list:
     description="Images kept by the image filters (rules: short side, aspect ratio; undecodable and unfetchable dropped), plus decisions.parquet with each reason.",
 )
 def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
-    filters = _filters("image_filter", config.filters)
-    stats = [stage.filter_images(storage.get(), shard, filters) for shard in context.partition_keys]
-    return dg.MaterializeResult(
-        metadata=stats_metadata(
-            merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.FILTERED_IMAGES)
-        )
-    )
+    return _filter_shards(context, storage, layout.FILTERED_IMAGES, "image_filter", config.filters, stage.filter_images)
 
 
 @shard_asset(
@@ -37,13 +37,7 @@ def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig
     description="Sentences kept by the sentence filters (rules: emoji, URL, 3..81 words; CAT: complexity >= C1 with an action), plus decisions.parquet.",
 )
 def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
-    filters = _filters("sentence_filter", config.filters)
-    stats = [stage.filter_sentence_candidates(storage.get(), shard, filters) for shard in context.partition_keys]
-    return dg.MaterializeResult(
-        metadata=stats_metadata(
-            merged(stats), filters=", ".join(c.name for c in config.filters), path=storage.get().uri(layout.SENTENCE_CANDIDATES)
-        )
-    )
+    return _filter_shards(context, storage, layout.SENTENCE_CANDIDATES, "sentence_filter", config.filters, stage.filter_sentence_candidates)
 
 
 @shard_asset(

@@ -5,39 +5,39 @@ import dagster as dg
 from assets.partitions import shard_partitions
 from realsyn import layout
 
-prepare_shards_job = dg.define_asset_job(
-    "prepare_shards",
-    selection=dg.AssetSelection.assets(*layout.PREPARE_SHARDS),
-    partitions_def=shard_partitions,
-    description="Per shard: image/sentence DBs, filters, perplexity, CLIP embeddings.",
-)
-dedup_and_cluster_job = dg.define_asset_job(
-    "dedup_and_cluster",
-    selection=dg.AssetSelection.assets(*layout.DEDUP_AND_CLUSTER),
-    description="Global: image and sentence dedup, sentence K-means and bank, the cluster-ordered retrieval pass.",
-)
-caption_shards_job = dg.define_asset_job(
-    "caption_shards",
-    selection=dg.AssetSelection.assets(*layout.CAPTION_SHARDS),
-    partitions_def=shard_partitions,
-    description="Per shard: LLM fusion captions, similarity band.",
-)
-sample_splits_job = dg.define_asset_job(
-    "sample_splits",
-    selection=dg.AssetSelection.assets(*layout.SAMPLE_SPLITS),
-    description="Global: image K-means, balanced splits.",
-)
-export_shards_job = dg.define_asset_job(
-    "export_shards",
-    selection=dg.AssetSelection.assets(*layout.EXPORT_SHARDS),
-    partitions_def=shard_partitions,
-    description="Per shard: every split's WebDataset tars, sizes.json and Parquet, in one pass over the shard's images.",
-)
-publish_export_job = dg.define_asset_job(
-    "publish_export",
-    selection=dg.AssetSelection.assets(*layout.PUBLISH_EXPORT),
-    description="Global: one folder per split (the per-shard tars copied in, sizes.json, train_data.txt) that open_clip trains from.",
-)
+# (name, assets (realsyn.layout), runs per shard, description)
+_JOB_TABLE = [
+    ("prepare_shards", layout.PREPARE_SHARDS, True, "Per shard: image/sentence DBs, filters, perplexity, CLIP embeddings."),
+    (
+        "dedup_and_cluster",
+        layout.DEDUP_AND_CLUSTER,
+        False,
+        "Global: image and sentence dedup, sentence K-means and bank, the cluster-ordered retrieval pass.",
+    ),
+    ("caption_shards", layout.CAPTION_SHARDS, True, "Per shard: LLM fusion captions, similarity band."),
+    ("sample_splits", layout.SAMPLE_SPLITS, False, "Global: image K-means, balanced splits."),
+    (
+        "export_shards",
+        layout.EXPORT_SHARDS,
+        True,
+        "Per shard: every split's WebDataset tars, sizes.json and Parquet, in one pass over the shard's images.",
+    ),
+    (
+        "publish_export",
+        layout.PUBLISH_EXPORT,
+        False,
+        "Global: one folder per split (the per-shard tars copied in, sizes.json, train_data.txt) that open_clip trains from.",
+    ),
+]
 
-JOBS_IN_ORDER = [prepare_shards_job, dedup_and_cluster_job, caption_shards_job, sample_splits_job, export_shards_job, publish_export_job]
-PARTITIONED_JOBS = {prepare_shards_job.name, caption_shards_job.name, export_shards_job.name}
+JOBS_IN_ORDER = [
+    dg.define_asset_job(
+        name,
+        selection=dg.AssetSelection.assets(*assets),
+        partitions_def=shard_partitions if per_shard else None,
+        description=description,
+    )
+    for name, assets, per_shard, description in _JOB_TABLE
+]
+JOBS = {job.name: job for job in JOBS_IN_ORDER}
+PARTITIONED_JOBS = {name for name, _, per_shard, _ in _JOB_TABLE if per_shard}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 from pydantic import Field
@@ -79,25 +79,24 @@ class ShardSourceResource(dg.ConfigurableResource):
 class _PluginResource(dg.ConfigurableResource):
     """A plug-in chosen by ``name`` with its ``params``; built once per process."""
 
+    kind: ClassVar[str] = ""  # the plug-in kind (realsyn.plugins.kinds)
     name: str
     params: dict[str, Any | None] = Field(default_factory=dict)
 
     def get(self):
-        return _plugin(self._kind(), self.name, json.dumps(self.params, sort_keys=True))
+        return _plugin(self.kind, self.name, json.dumps(self.params, sort_keys=True))
 
     def resolved_params(self) -> dict[str, Any]:
         """The params as the plug-in receives them, defaults filled."""
         from realsyn.plugins import validate_params
 
-        return validate_params(self._kind(), self.name, self.params)
-
-    @classmethod
-    def _kind(cls) -> str:
-        raise NotImplementedError
+        return validate_params(self.kind, self.name, self.params)
 
 
 class EmbedderResource(_PluginResource):
     """The CLIP model of stages 4-10 (paper: EVA02-CLIP E/14-plus). open_clip falls back to a small random-weight model, with a warning, when weights cannot be had."""
+
+    kind: ClassVar[str] = "embedder"
 
     name: str = Field(default="open_clip", description="Embedder plug-in: open_clip or package.module:Class.")
     params: dict[str, Any | None] = Field(
@@ -105,13 +104,11 @@ class EmbedderResource(_PluginResource):
         description="Embedder parameters, e.g. model_name, pretrained (tag or local file), fallback_model, device, batch_size.",
     )
 
-    @classmethod
-    def _kind(cls) -> str:
-        return "embedder"
-
 
 class GenerationBackendResource(_PluginResource):
     """The LLM that fuses retrieved texts, caption and tags. Production: a vLLM server; embedded: SmolLM2-135M-Instruct on CPU."""
+
+    kind: ClassVar[str] = "generation_backend"
 
     name: str = Field(
         default="transformers", description="transformers (in-process), vllm (OpenAI-compatible server) or package.module:Class."
@@ -121,13 +118,11 @@ class GenerationBackendResource(_PluginResource):
         description="Backend parameters, e.g. model; vllm: base_url, api_key_env (name of the variable holding the key), max_concurrency, timeout_s.",
     )
 
-    @classmethod
-    def _kind(cls) -> str:
-        return "generation_backend"
-
 
 class PerplexityScorerResource(_PluginResource):
     """Causal LM perplexity (RealSyn stage 5d band; POINTS selection). Embedded: SmolLM2-135M-Instruct."""
+
+    kind: ClassVar[str] = "perplexity_scorer"
 
     enabled: bool = Field(default=True, description="Score sentences; when false the perplexity band is skipped.")
     name: str = Field(default="causal_lm", description="Perplexity scorer plug-in: causal_lm or package.module:Class.")
@@ -137,10 +132,6 @@ class PerplexityScorerResource(_PluginResource):
 
     def get(self):
         return super().get() if self.enabled else None
-
-    @classmethod
-    def _kind(cls) -> str:
-        return "perplexity_scorer"
 
 
 def build_resources(

@@ -5,13 +5,13 @@ import os
 
 import dagster as dg
 
-from assets.jobs import prepare_shards_job
+from assets.jobs import JOBS
 from assets.partitions import SHARDS, shard_partitions
 from resources import ShardSourceResource
 
 
 @dg.sensor(
-    job=prepare_shards_job,
+    job=JOBS["prepare_shards"],
     minimum_interval_seconds=300,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Lists the input location (local or S3); each new shard becomes a partition and gets a prepare_shards run.",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from realsyn import layout
+from realsyn.decisions import kept_mask
 from realsyn.storage import MissingOutputError, Storage
 
 
@@ -28,7 +29,7 @@ def _kept(storage: Storage, asset: str, shard: str | None, name: str) -> int:
         t = storage.reader(asset, shard).read_parquet(name, columns=["kept"])
     except (MissingOutputError, FileNotFoundError):
         return 0
-    return int(sum(t.column("kept").to_pylist()))
+    return int(kept_mask(t).sum())
 
 
 def _retrieved(storage: Storage, shard: str) -> int:
