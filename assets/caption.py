@@ -2,19 +2,20 @@
 
 import dagster as dg
 
-from assets.configs import GenerationConfig, SimilarityBandConfig
+from assets.configs import GenerationConfig, SimilarityBandConfig, effective_config
 from assets.execution import shard_asset
-from assets.metadata import merged, stats_metadata
+from assets.metadata import partition_results, stats_metadata
 from realsyn import layout
 from realsyn.stages import caption as stage
-from resources import EmbedderResource, GenerationBackendResource, StorageResource
+from resources import CaptionerResource, EmbedderResource, GenerationBackendResource, StorageResource
 
 
 @shard_asset(
     layout.SYNTHETIC_CAPTIONS,
-    deps=[layout.RETRIEVALS],
-    description="One synthetic caption per image: an LLM fuses the retrieved real texts and the image's tags. Cached by (image, prompt) so reruns never regenerate.",
-    profile="gpu",
+    # it reads the kept images' embeddings (tags) and the dedup decisions beside the retrieved texts; with a captioner, the images
+    deps=[layout.RETRIEVALS, layout.IMAGE_EMBEDDINGS, layout.IMAGE_DEDUP, layout.FILTERED_IMAGES],
+    description="One synthetic caption per image: an LLM fuses the retrieved real texts, the image's tags and (with a captioner) a concise caption of the image. Cached by (image, prompt) so reruns never regenerate.",
+    profile="cpu-model",  # the LLM runs on the vLLM server; CLIP only embeds the tag vocabulary
     rebuild_nightly=True,
 )
 def synthetic_captions(
@@ -23,32 +24,35 @@ def synthetic_captions(
     storage: StorageResource,
     generator: GenerationBackendResource,
     embedder: EmbedderResource,
+    captioner: CaptionerResource,
 ) -> dg.MaterializeResult:
+    config = effective_config(context, config)
     backend = generator.get()
+    concise = captioner.get()
     tagger, model = None, None
     if config.tagger is not None:
         from realsyn.plugins import build_plugin
 
         tagger, model = build_plugin("tagger", config.tagger.spec()), embedder.get()
-    stats = [
-        stage.generate_captions(
-            storage.get(),
-            shard,
-            backend,
-            instruction=config.instruction,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            batch_size=config.batch_size,
-            tagger=tagger,
-            embedder=model,
+    per_shard = {
+        shard: stats_metadata(
+            stage.generate_captions(
+                storage.get(),
+                shard,
+                backend,
+                instruction=config.instruction,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+                tagger=tagger,
+                embedder=model,
+                captioner=concise,
+            )
         )
         for shard in context.partition_keys
-    ]
-    return dg.MaterializeResult(
-        metadata=stats_metadata(
-            merged(stats), backend=generator.name, model=backend.model_id, path=storage.get().uri(layout.SYNTHETIC_CAPTIONS)
-        )
-    )
+    }
+    common = {"backend": generator.name, "model": backend.model_id, "captioner": concise.captioner_id}
+    return partition_results(context, layout.SYNTHETIC_CAPTIONS, storage.get(), per_shard, metadata=common)
 
 
 @shard_asset(
@@ -61,6 +65,10 @@ def synthetic_captions(
 def filtered_pairs(
     context: dg.AssetExecutionContext, config: SimilarityBandConfig, storage: StorageResource, embedder: EmbedderResource
 ) -> dg.MaterializeResult:
+    config = effective_config(context, config)
     model = embedder.get()
-    stats = [stage.filter_pairs(storage.get(), shard, model, low=config.low, high=config.high) for shard in context.partition_keys]
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), path=storage.get().uri(layout.FILTERED_PAIRS)))
+    per_shard = {
+        shard: stats_metadata(stage.filter_pairs(storage.get(), shard, model, low=config.low, high=config.high))
+        for shard in context.partition_keys
+    }
+    return partition_results(context, layout.FILTERED_PAIRS, storage.get(), per_shard)

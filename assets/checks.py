@@ -1,4 +1,4 @@
-"""Asset checks: the blocking one guards the GPU captioning steps; the others verify the outputs."""
+"""Asset checks: the blocking one guards retrieval and the GPU captioning steps, in a run and across runs; the others verify the outputs."""
 
 import dagster as dg
 import numpy as np
@@ -6,10 +6,15 @@ import numpy as np
 from realsyn import layout
 from resources import StorageResource
 
+# Requested with its asset by the nightly rebuild, so the steps below (`retrievals`) can go in the same
+# run, where the failed check stops them; across runs they wait (all_deps_blocking_checks_passed).
+CHECK_WITH_ITS_ASSET = dg.AutomationCondition.any_deps_match(dg.AutomationCondition.will_be_requested()).with_label("asset requested")
+
 
 @dg.asset_check(
     asset=layout.SENTENCE_CLUSTERS,
     blocking=True,
+    automation_condition=CHECK_WITH_ITS_ASSET,
     description="Centroids are finite and unit-norm and the bank holds every clustered sentence; blocks retrieval and GPU generation otherwise.",
 )
 def sentence_clusters_are_usable(storage: StorageResource) -> dg.AssetCheckResult:

@@ -24,13 +24,39 @@ def _sample_run_config() -> str:
     return str(importlib_resources.files("realsyn") / "data" / "sample_run.yaml")
 
 
-def _ensure_dagster_home(home: str) -> str:
-    home = os.path.abspath(home)
+# Instance settings of a local instance: no telemetry, and no first-visit "community" dialog in the UI
+# (dagster-webserver asks `shouldShowNux`, which is false when `nux: enabled: false`).
+INSTANCE_SETTINGS = {"telemetry": {"enabled": False}, "nux": {"enabled": False}}
+
+
+def write_instance_settings(home: str) -> str:
+    """Merge ``INSTANCE_SETTINGS`` into ``{home}/dagster.yaml``: what the file already sets wins; a missing
+    section is appended as text (the file's comments stay), a section without the key is merged."""
+    import yaml
+
     os.makedirs(home, exist_ok=True)
     cfg = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(cfg):
+    text = open(cfg).read() if os.path.exists(cfg) else ""
+    current = yaml.safe_load(text) or {}
+    if not isinstance(current, dict):
+        raise CommandInputError(f"{cfg} is not a YAML mapping")
+    missing = {k: v for k, v in INSTANCE_SETTINGS.items() if k not in current}
+    partial = {k: v for k, v in INSTANCE_SETTINGS.items() if isinstance(current.get(k), dict) and not set(v) <= set(current[k])}
+    if partial:
+        for section, values in partial.items():
+            current[section] = {**values, **current[section]}
+        text = yaml.safe_dump(current, sort_keys=False)
+    if missing:
+        text = text + ("" if not text or text.endswith("\n") else "\n") + yaml.safe_dump(missing, sort_keys=False)
+    if missing or partial:
         with open(cfg, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+            f.write(text)
+    return cfg
+
+
+def _ensure_dagster_home(home: str) -> str:
+    home = os.path.abspath(home)
+    write_instance_settings(home)
     os.environ["DAGSTER_HOME"] = home
     return home
 
@@ -52,12 +78,12 @@ def _print_bad_input(storage_root: str, shards: list[str], since: float) -> int:
     return len(bad)
 
 
-def _run(input_uri: str, storage_root: str, config: str | None, env: str | None) -> int:
+def _run(input_uri: str, storage_root: str, config: str | None, env: str | None, force: bool = False) -> int:
     from assets.runner import run_graph
 
     started, started_at = time.perf_counter(), time.time()
     try:
-        report = run_graph(input_uri, storage_root, config_path=config, env=env)
+        report = run_graph(input_uri, storage_root, config_path=config, env=env, force=force)
     except Exception as e:  # the graph never started: a bad input location, config or plug-in
         raise CommandInputError(f"{type(e).__name__}: {e}") from e
     elapsed = time.perf_counter() - started
@@ -81,7 +107,11 @@ def _run(input_uri: str, storage_root: str, config: str | None, env: str | None)
         print(f"realsyn run: {len(report.failures)} failure(s) after {report.runs} runs, {elapsed:.0f}s", file=sys.stderr)
         return 1
     note = f"; {lossy} shard(s) lost rows to bad input (above)" if lossy else ""
-    print(f"realsyn run: every asset materialized for {len(report.shards)} shards in {report.runs} runs, {elapsed:.0f}s{note}")
+    ran = sum(len(parts) for parts in report.ran.values())
+    print(
+        f"realsyn run: every asset materialized for {len(report.shards)} shards in {report.runs} runs ({ran} stale or missing "
+        f"asset partitions rematerialized, {report.fresh_runs} job runs fresh), {elapsed:.0f}s{note}"
+    )
     return 0
 
 
@@ -103,7 +133,7 @@ def _print_summary(storage_root: str, shards: list[str]) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dagster_home or os.environ.get("DAGSTER_HOME"):
         _ensure_dagster_home(args.dagster_home or os.environ["DAGSTER_HOME"])
-    return _run(args.input, args.storage, args.config, args.env)
+    return _run(args.input, args.storage, args.config, args.env, force=args.force)
 
 
 def cmd_path(args: argparse.Namespace) -> int:
@@ -161,6 +191,7 @@ def add_graph_commands(sub: Any) -> None:
     run.add_argument("--config", help="YAML with 'assets:' (step -> config) and 'resources:' (resource -> fields)")
     run.add_argument("--env", choices=["local", "production"], help="resource set (default: REALSYN_ENV or local)")
     run.add_argument("--dagster-home", help="persistent Dagster instance folder (default: DAGSTER_HOME, else a temporary instance)")
+    run.add_argument("--force", action="store_true", help="rematerialize every asset, fresh or not (default: only stale and missing ones)")
     run.set_defaults(func=cmd_run)
 
     path = sub.add_parser("path", help="print the committed folder of an asset (what _CURRENT.json names; never glob g-*)")

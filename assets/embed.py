@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets.execution import shard_asset
-from assets.metadata import merged, stats_metadata
+from assets.metadata import partition_results, stats_metadata
 from realsyn import layout
 from realsyn.stages import embed as stage
 from resources import EmbedderResource, StorageResource
@@ -25,10 +25,8 @@ def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource
         context.log.warning(
             f"CLIP weights unavailable: embedding with random weights ({model.model_id}); retrieval and similarity are not semantic"
         )
-    stats = [stage.embed_images(storage.get(), shard, model) for shard in context.partition_keys]
-    return dg.MaterializeResult(
-        metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.IMAGE_EMBEDDINGS))
-    )
+    per_shard = {shard: stats_metadata(stage.embed_images(storage.get(), shard, model)) for shard in context.partition_keys}
+    return partition_results(context, layout.IMAGE_EMBEDDINGS, storage.get(), per_shard, metadata=_model_metadata(model))
 
 
 @shard_asset(
@@ -39,7 +37,5 @@ def image_embeddings(context: dg.AssetExecutionContext, storage: StorageResource
 )
 def sentence_embeddings(context: dg.AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource) -> dg.MaterializeResult:
     model = embedder.get()
-    stats = [stage.embed_sentences(storage.get(), shard, model) for shard in context.partition_keys]
-    return dg.MaterializeResult(
-        metadata=stats_metadata(merged(stats), **_model_metadata(model), path=storage.get().uri(layout.SENTENCE_EMBEDDINGS))
-    )
+    per_shard = {shard: stats_metadata(stage.embed_sentences(storage.get(), shard, model)) for shard in context.partition_keys}
+    return partition_results(context, layout.SENTENCE_EMBEDDINGS, storage.get(), per_shard, metadata=_model_metadata(model))

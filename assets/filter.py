@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from assets.configs import ImageFilterConfig, PerplexityBandConfig, SentenceFilterConfig
+from assets.configs import ImageFilterConfig, PerplexityBandConfig, SentenceFilterConfig, effective_config
 from assets.execution import shard_asset
-from assets.metadata import merged, stats_metadata
+from assets.metadata import partition_results, stats_metadata
 from realsyn import layout
 from realsyn.stages import filter as stage
 from resources import PerplexityScorerResource, StorageResource
@@ -17,9 +17,8 @@ def _filter_shards(
     from realsyn.plugins import build_plugin
 
     filters = [build_plugin(kind, c.spec()) for c in configs]
-    stats = [run(storage.get(), shard, filters) for shard in context.partition_keys]
-    names = ", ".join(c.name for c in configs)
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), filters=names, path=storage.get().uri(asset)))
+    per_shard = {shard: stats_metadata(run(storage.get(), shard, filters)) for shard in context.partition_keys}
+    return partition_results(context, asset, storage.get(), per_shard, metadata={"filters": ", ".join(c.name for c in configs)})
 
 
 @shard_asset(
@@ -28,6 +27,7 @@ def _filter_shards(
     description="Images kept by the image filters (rules: short side, aspect ratio; undecodable and unfetchable dropped), plus decisions.parquet with each reason.",
 )
 def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
+    config = effective_config(context, config)
     return _filter_shards(context, storage, layout.FILTERED_IMAGES, "image_filter", config.filters, stage.filter_images)
 
 
@@ -37,6 +37,7 @@ def filtered_images(context: dg.AssetExecutionContext, config: ImageFilterConfig
     description="Sentences kept by the sentence filters (rules: emoji, URL, 3..81 words; CAT: complexity >= C1 with an action), plus decisions.parquet.",
 )
 def sentence_candidates(context: dg.AssetExecutionContext, config: SentenceFilterConfig, storage: StorageResource) -> dg.MaterializeResult:
+    config = effective_config(context, config)
     return _filter_shards(context, storage, layout.SENTENCE_CANDIDATES, "sentence_filter", config.filters, stage.filter_sentence_candidates)
 
 
@@ -50,12 +51,9 @@ def sentence_perplexity(
     context: dg.AssetExecutionContext, storage: StorageResource, perplexity: PerplexityScorerResource
 ) -> dg.MaterializeResult:
     scorer = perplexity.get()
-    stats = [stage.score_sentence_perplexity(storage.get(), shard, scorer) for shard in context.partition_keys]
-    return dg.MaterializeResult(
-        metadata=stats_metadata(
-            merged(stats), scorer=scorer.model_id if scorer else "disabled", path=storage.get().uri(layout.SENTENCE_PERPLEXITY)
-        )
-    )
+    per_shard = {shard: stats_metadata(stage.score_sentence_perplexity(storage.get(), shard, scorer)) for shard in context.partition_keys}
+    common = {"scorer": scorer.model_id if scorer else "disabled"}
+    return partition_results(context, layout.SENTENCE_PERPLEXITY, storage.get(), per_shard, metadata=common)
 
 
 @shard_asset(
@@ -66,6 +64,7 @@ def sentence_perplexity(
 def filtered_sentences(
     context: dg.AssetExecutionContext, config: PerplexityBandConfig, storage: StorageResource, perplexity: PerplexityScorerResource
 ) -> dg.MaterializeResult:
+    config = effective_config(context, config)
     band = None
     if perplexity.enabled:
         from realsyn.filters.perplexity_band import PerplexityBandFilter, default_band
@@ -76,6 +75,8 @@ def filtered_sentences(
         )
     else:
         context.log.warning("perplexity scorer disabled: the perplexity band is skipped")
-    stats = [stage.filter_sentences_by_perplexity(storage.get(), shard, band) for shard in context.partition_keys]
+    per_shard = {
+        shard: stats_metadata(stage.filter_sentences_by_perplexity(storage.get(), shard, band)) for shard in context.partition_keys
+    }
     extra = {"band_low": band.low, "band_high": band.high} if band else {"band": "disabled"}
-    return dg.MaterializeResult(metadata=stats_metadata(merged(stats), **extra, path=storage.get().uri(layout.FILTERED_SENTENCES)))
+    return partition_results(context, layout.FILTERED_SENTENCES, storage.get(), per_shard, metadata=extra)

@@ -2,10 +2,11 @@
 
 import dagster as dg
 
-from assets.configs import IngestConfig
-from assets.execution import CPU_STEP_TAGS
-from assets.metadata import merged, stats_metadata
+from assets.configs import IngestConfig, effective_config
+from assets.execution import SHARD_BACKFILL
+from assets.metadata import partition_results, stats_metadata
 from assets.partitions import shard_partitions
+from assets.profiles import step_options
 from realsyn import layout
 from realsyn.stages import ingest as stage
 from resources import ShardSourceResource, StorageResource
@@ -34,12 +35,14 @@ source_documents = dg.AssetSpec(
         ),
     ],
     partitions_def=shard_partitions,
-    op_tags=CPU_STEP_TAGS,
+    **step_options("document_databases", "cpu-io"),
+    backfill_policy=SHARD_BACKFILL,
 )
 def document_databases(
     context: dg.AssetExecutionContext, config: IngestConfig, storage: StorageResource, shard_source: ShardSourceResource
 ):
-    image_stats, sentence_stats = [], []
+    config = effective_config(context, config)
+    image_stats, sentence_stats = {}, {}
     for shard in context.partition_keys:
         i, s = stage.ingest_shard(
             storage.get(),
@@ -52,13 +55,8 @@ def document_databases(
             input_uri=shard_source.input_uri,
             fetch_policy=config.fetch_policy_options(),
         )
-        image_stats.append(i)
-        sentence_stats.append(s)
-    reader = shard_source.reader.name
-    yield dg.MaterializeResult(
-        asset_key=layout.IMAGE_DB, metadata=stats_metadata(merged(image_stats), reader=reader, path=storage.get().uri(layout.IMAGE_DB))
-    )
-    yield dg.MaterializeResult(
-        asset_key=layout.SENTENCE_DB,
-        metadata=stats_metadata(merged(sentence_stats), reader=reader, path=storage.get().uri(layout.SENTENCE_DB)),
-    )
+        image_stats[shard] = stats_metadata(i)
+        sentence_stats[shard] = stats_metadata(s)
+    common = {"reader": shard_source.reader.name}
+    for key, per_shard in ((layout.IMAGE_DB, image_stats), (layout.SENTENCE_DB, sentence_stats)):
+        yield partition_results(context, key, storage.get(), per_shard, metadata=common, shard_source=shard_source)

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.evaluate import split_partitions
 from assets.partitions import shard_partitions
 from realsyn import layout
 
@@ -30,14 +31,40 @@ _JOB_TABLE = [
     ),
 ]
 
-JOBS_IN_ORDER = [
-    dg.define_asset_job(
-        name,
-        selection=dg.AssetSelection.assets(*assets),
-        partitions_def=shard_partitions if per_shard else None,
-        description=description,
+
+def build_jobs(asset_configs: dict | None = None) -> list:
+    """The six jobs; ``asset_configs`` (op name -> config, the `assets:` of a run config) is each job's default
+    config, so a run launched from the UI uses the same knobs the code versions were computed from."""
+    from assets.versions import CONFIG_OP
+
+    jobs = []
+    for name, assets, per_shard, description in _JOB_TABLE:
+        ops = {CONFIG_OP.get(a, a) for a in assets}
+        config = {"ops": {op: {"config": c} for op, c in (asset_configs or {}).items() if op in ops}}
+        jobs.append(
+            dg.define_asset_job(
+                name,
+                selection=dg.AssetSelection.assets(*assets),
+                partitions_def=shard_partitions if per_shard else None,
+                description=description,
+                config=config if config["ops"] else None,
+            )
+        )
+    # then per split (partitions: the published splits): a small model trained and scored on each
+    config = {"ops": {op: {"config": c} for op, c in (asset_configs or {}).items() if op in layout.EVALUATE_SPLITS}}
+    jobs.append(
+        dg.define_asset_job(
+            "evaluate_splits",
+            selection=dg.AssetSelection.assets(*layout.EVALUATE_SPLITS),
+            partitions_def=split_partitions,
+            description="Per split: a small model trained with CLIP, SigLIP and SuperClass objectives, scored zero-shot and by retrieval.",
+            config=config if config["ops"] else None,
+        )
     )
-    for name, assets, per_shard, description in _JOB_TABLE
-]
+    return jobs
+
+
+JOBS_IN_ORDER = build_jobs()
 JOBS = {job.name: job for job in JOBS_IN_ORDER}
 PARTITIONED_JOBS = {name for name, _, per_shard, _ in _JOB_TABLE if per_shard}
+SPLIT_JOBS = {"evaluate_splits"}  # `realsyn run` registers the published splits and runs these once per split

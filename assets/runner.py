@@ -3,6 +3,12 @@
 The jobs run in data-flow order against one Dagster instance (persistent when DAGSTER_HOME is set,
 so the UI shows every materialization). A stage's shards all run before the next stage starts.
 
+Only what is stale runs (``assets.versions``): a partition whose materialization is missing, whose
+code version (algorithm + the knobs that change its output) changed, whose committed output is not
+the one recorded, or whose inputs' versions changed since it ran. Per shard and per global job, the
+runner selects the stale assets (and everything below them in the same job) and runs only those; a
+job with nothing stale does not run. ``force=True`` (``realsyn run --force``) runs everything.
+
 A bad shard fails only its partition: a shard whose per-shard job fails is left out of every later
 job, and the global steps cover the good shards only. The runner tells them which shards to leave
 out with the run tag ``realsyn/excluded_shards`` (a JSON list; ``assets.partitions.registered_shards``
@@ -20,8 +26,9 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from assets.jobs import JOBS_IN_ORDER, PARTITIONED_JOBS
+from assets.jobs import JOBS_IN_ORDER, PARTITIONED_JOBS, SPLIT_JOBS
 from assets.partitions import EXCLUDED_SHARDS_TAG, SHARDS
+from assets.versions import VersionIndex, parents_of, stale_reason
 
 
 @dataclass
@@ -46,6 +53,8 @@ class RunReport:
     failures: list[Failure] = field(default_factory=list)
     failed_shards: dict[str, str] = field(default_factory=dict)  # shard -> the job it failed in (left out after it)
     stopped_at: str | None = None  # the job the graph stopped at (a global step failed, or no shard was left)
+    ran: dict[str, list[str | None]] = field(default_factory=dict)  # asset -> partitions it ran for (None: global)
+    fresh_runs: int = 0  # job runs skipped because every asset in them was fresh
 
     @property
     def success(self) -> bool:
@@ -67,6 +76,51 @@ def load_run_config(path: str | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; use 'assets' and 'resources'")
     return {"assets": raw.get("assets") or {}, "resources": raw.get("resources") or {}}
+
+
+class StalePlanner:
+    """Which assets of a job must run for one partition: the stale ones and, in the same run, everything below them."""
+
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, shard_uris: dict[str, str]):
+        self.defs, self.graph = defs, defs.resolve_asset_graph()
+        self.index = VersionIndex(instance)
+        storage = defs.resources.get("storage")
+        self.storage = storage.get() if storage is not None and hasattr(storage, "get") else None
+        self.shard_uris = shard_uris
+
+    def _source_uri(self, shard: str) -> str:
+        return self.shard_uris[shard]
+
+    def plan(self, job_def: dg.JobDefinition, partition: str | None, shards: list[str]) -> dict[str, str]:
+        """asset -> why it runs, in topological order; empty when the job has nothing stale for this partition."""
+        in_job = set(job_def.asset_layer.executable_asset_keys)
+        order = [k for k in self.graph.toposorted_asset_keys if k in in_job]
+        why: dict[str, str] = {}
+        for key in order:
+            name = key.to_user_string()
+            parents = parents_of(self.graph, name)
+            upstream = [p.key for p in parents if p.key in why]
+            if upstream:
+                why[name] = f"{upstream[0]} reruns"
+                continue
+            reason = stale_reason(
+                self.index,
+                self.storage,
+                name,
+                partition,
+                self.graph.get(key).code_version,
+                parents,
+                shards=shards,
+                source_uri=self._source_uri,
+            )
+            if reason:
+                why[name] = reason
+                for sibling in self.defs.resolve_assets_def(name).keys:  # a multi-asset (image_db + sentence_db) runs whole
+                    why.setdefault(sibling.to_user_string(), f"runs with {name}")
+        return why
+
+    def ran(self, assets: list[str]) -> None:
+        self.index.invalidate(assets)
 
 
 def _failures(result: dg.ExecuteInProcessResult, job: str, shard: str | None) -> list[Failure]:
@@ -131,15 +185,23 @@ def run_graph(
     instance: dg.DagsterInstance | None = None,
     log=print,
     log_level: str = "WARNING",
+    force: bool = False,
 ) -> RunReport:
     from definitions import build_definitions
 
+    # the definitions hold the run config (code versions, job defaults): the same YAML as the UI's REALSYN_CONFIG
+    config_path = config_path or os.environ.get("REALSYN_CONFIG") or None
     cfg = load_run_config(config_path)
-    defs = build_definitions(env, input_uri=input_uri, storage_root=storage_root, resource_overrides=cfg["resources"])
+    with_config = {"asset_configs": cfg["assets"]} if config_path else {}
+    try:
+        defs = build_definitions(env, input_uri=input_uri, storage_root=storage_root, resource_overrides=cfg["resources"], **with_config)
+    except ValueError as e:  # a step config that does not validate (its code version cannot be computed)
+        raise ValueError(f"{config_path}: {e}" if config_path else str(e)) from e
     if instance is None:
         instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     source = defs.resources["shard_source"]
-    shards = sorted(source.list_shards())
+    shard_uris = source.list_shards()
+    shards = sorted(shard_uris)
     known = set(instance.get_dynamic_partitions(SHARDS))
     new = [s for s in shards if s not in known]
     if new:
@@ -151,6 +213,7 @@ def run_graph(
         raise ValueError(f"{config_path}: no asset step named {unknown}; known: {sorted(all_ops)}")
     _validate_step_configs(defs, cfg["assets"], config_path)
     report = RunReport(shards=shards)
+    planner = None if force else StalePlanner(defs, instance, shard_uris)
     for job in JOBS_IN_ORDER:
         job_def = defs.resolve_job_def(job.name)
         ops = {n.name for n in job_def.graph.node_defs}
@@ -163,19 +226,36 @@ def run_graph(
             log(f"  {job.name}: skipped, no shard left (every shard failed)")
             break
         tags = {EXCLUDED_SHARDS_TAG: json.dumps(sorted(report.failed_shards))} if report.failed_shards else {}
-        keys = report.good_shards if job.name in PARTITIONED_JOBS else [None]
+        if job.name in SPLIT_JOBS:  # once per published split (assets.evaluate registers them as partitions)
+            from assets.evaluate import register_published_splits
+
+            keys = register_published_splits(instance, defs.resources["storage"].get())
+        else:
+            keys = report.good_shards if job.name in PARTITIONED_JOBS else [None]
         global_failed = False
         for key in keys:
-            log(f"  {job.name}{' [' + key + ']' if key else ''} ...")
+            where = f"{job.name}{' [' + key + ']' if key else ''}"
+            all_assets = [k.to_user_string() for k in job_def.asset_layer.executable_asset_keys]
+            why = {a: "forced" for a in all_assets} if planner is None else planner.plan(job_def, key, report.good_shards)
+            if not why:
+                report.fresh_runs += 1
+                log(f"  {where}: fresh")
+                continue
+            selection = None if set(why) >= set(all_assets) else [dg.AssetKey(a) for a in why]
+            log(f"  {where}: {'; '.join(f'{a} ({r})' for a, r in why.items())} ...")
             result = job_def.execute_in_process(
-                run_config=run_config, instance=instance, partition_key=key, raise_on_error=False, tags=tags
+                run_config=run_config, instance=instance, partition_key=key, raise_on_error=False, tags=tags, asset_selection=selection
             )
             report.runs += 1
+            for a in why:
+                report.ran.setdefault(a, []).append(key)
+            if planner is not None:
+                planner.ran(list(why))
             if not result.success:
                 report.failures.extend(_failures(result, job.name, key))
                 if key is None:
                     global_failed = True
-                else:
+                elif job.name not in SPLIT_JOBS:  # a failed split evaluation fails that split only
                     report.failed_shards[key] = job.name
             report.failures.extend(_check_failures(result, job.name, key))
         if global_failed:

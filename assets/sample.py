@@ -4,9 +4,9 @@ import base64
 
 import dagster as dg
 
-from assets.configs import SampledSplitsConfig
+from assets.configs import SampledSplitsConfig, effective_config
 from assets.execution import global_asset
-from assets.metadata import stats_metadata
+from assets.metadata import global_result, stats_metadata
 from assets.partitions import ALL_SHARDS, registered_shards
 from realsyn import layout
 from realsyn.stages import sample as stage
@@ -29,10 +29,10 @@ def sampled_splits(
     perplexity: PerplexityScorerResource,
     shard_source: ShardSourceResource,
 ) -> dg.MaterializeResult:
+    config = effective_config(context, config)
     # the scorer loads only if a sampler asks for text_perplexity
-    result = stage.sample_splits(
-        storage.get(), registered_shards(context, shard_source), [s.spec() for s in config.splits], perplexity_scorer=perplexity.get
-    )
+    shards = registered_shards(context, shard_source)
+    result = stage.sample_splits(storage.get(), shards, [s.spec() for s in config.splits], perplexity_scorer=perplexity.get)
     meta = {}
     for name, st in result.items():
         meta.update({f"{name}/{k}": v for k, v in stats_metadata(st).items()})
@@ -42,6 +42,4 @@ def sampled_splits(
         if f.endswith(".png"):
             png = base64.b64encode(reader.read_bytes(f)).decode()
             meta[f.replace("/", ": ")] = dg.MetadataValue.md(f"![{f}](data:image/png;base64,{png})")
-    return dg.MaterializeResult(
-        metadata={**meta, "splits": ", ".join(result), "path": dg.MetadataValue.path(storage.get().uri(layout.SAMPLED_SPLITS))}
-    )
+    return global_result(context, layout.SAMPLED_SPLITS, storage.get(), {**meta, "splits": ", ".join(result)}, shards=shards)

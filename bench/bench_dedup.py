@@ -6,7 +6,7 @@
    verbatim as the reference): peak memory per sentence and time, each in a fresh process, and
    identical decision files.
 3. Components: scipy csgraph vs numpy Union-Find on dedup-shaped edge lists.
-4. Semantic dedup: IVF-SQ8 (``auto``: IVF{4 sqrt N}, verified by the exact inner product) vs Flat
+4. Semantic dedup: IVF-SQ8 (``auto``: IVF{N/256}_HNSW32, verified by the exact inner product) vs Flat
    (exact, the old default; its edges are the truth), through the stage's own sharded path:
    time, recall, precision.
 

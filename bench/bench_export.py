@@ -17,8 +17,12 @@ the samplers write them. Then, in one run:
 - new, one split only (the 100/168 one): the same per-shard step with nothing shared between splits,
   the conservative per-sample rate.
 
-Both write tars and Parquet of the same samples; the run checks that every tar member of every split
-is identical, in the same order. samples/s counts samples written (all splits) per second of one
+Both write tars and Parquet of the same samples (per sample: the image, ``json``, ``real0.txt`` ..
+``real2.txt`` and ``txt``; the Parquet image column a ``datasets`` Image); the run checks that every
+tar member of every split is identical, in the same order. The per-shard step also hashes each
+split's content (images by the ``sha256`` filtered_images carries from ingest) and collects the data
+card's histograms; publish also writes the data card and the versioned folder ``_exports/{split}/v1/``
+(hard links on a local root; the repeats publish the same content, so no new version). samples/s counts samples written (all splits) per second of one
 process; Arrow's CPU and I/O pools are set to ``--threads`` (default 1: per core).
 
     flock /tmp/realsyn-bench.lock .venv/bin/python bench/bench_export.py --shards 4 --images 2500
@@ -90,6 +94,8 @@ def build(storage: Storage, shards: list[str], n: int, pool: list[bytes], splits
                 "height": pa.array(rng.integers(240, 360, n), pa.int32()),
                 "doc_id": pa.array([f"{shard}/doc-{i // 4}" for i in range(n)], pa.string()),
                 "source": pa.array([f"https://example.org/{shard}/{i}.jpg" for i in range(n)], pa.string()),
+                # image_db's hash of the fetched bytes (filtered_images keeps it): the export's content hash reuses it
+                "sha256": pa.array([hashlib.sha256(d).hexdigest() for d in data], pa.string()),
             }
         )
         retrievals = pa.table(

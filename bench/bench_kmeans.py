@@ -8,6 +8,7 @@ normalisation, flat or two-level faiss K-means), one ``CentroidIndex``, and ``Se
 parent prints both side by side, then one RESULT line.
 
     python bench/bench_kmeans.py --rows 500000,2000000 --dim 128
+    python bench/bench_kmeans.py --assignment 2380,9524   # CentroidIndex regimes vs the exact scan
 """
 
 from __future__ import annotations
@@ -116,8 +117,64 @@ def child(args) -> dict:
     return out
 
 
+def _corpus(n: int, dim: int, rng, structure: str) -> np.ndarray:
+    """Unit vectors. "uniform": bench_scale's corpus (20,000 random topics, noise 0.6 per dim: cosine
+    ~0.15 to its topic, nearly uniform on the sphere); "nested": 200 themes x 100 topics each, so
+    there is structure at the scale of the clusters (as in real embeddings)."""
+    from realsyn.runtime import l2_normalize
+
+    if structure == "uniform":
+        topics = l2_normalize(np.random.default_rng(1).standard_normal((20_000, dim)).astype(np.float32))
+        return l2_normalize(topics[rng.integers(0, len(topics), n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32))
+    trng = np.random.default_rng(1)
+    themes = l2_normalize(trng.standard_normal((200, dim)).astype(np.float32))
+    topics = l2_normalize(np.repeat(themes, 100, axis=0) + 0.08 * trng.standard_normal((20_000, dim)).astype(np.float32))
+    return l2_normalize(topics[rng.integers(0, len(topics), n)] + 0.05 * rng.standard_normal((n, dim)).astype(np.float32))
+
+
+def bench_assignment(ks: list[int], dim: int, queries: int, seed: int) -> None:
+    """Centroid assignment (n=1) by each CentroidIndex regime against the exact scan: time per query and agreement."""
+    regimes = [("cells", {"exact_up_to": 0, "probe_cells": p}, f"cells probe={p}") for p in (4, 8, 16)]
+    regimes += [("hnsw", {"exact_up_to": 0, "cells_up_to": 0, "ef_search": ef}, f"hnsw ef={ef}") for ef in (32, 64, 128)]
+    for structure in ("uniform", "nested"):
+        for k in ks:
+            _assignment_at(k, structure, dim, queries, seed, regimes)
+
+
+def _assignment_at(k: int, structure: str, dim: int, queries: int, seed: int, regimes) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from realsyn.clustering import CentroidIndex, train_kmeans_two_level
+
+    with threadpool_limits(limits=1):  # per-core figures, as bench_scale's steps run
+        rng = np.random.default_rng(seed)
+        centroids = train_kmeans_two_level(_corpus(30 * k, dim, rng, structure), k, niter=10, seed=seed, use_gpu="never")
+        q = _corpus(queries, dim, rng, structure)
+        t0 = time.perf_counter()
+        want, want_scores = CentroidIndex(centroids, use_gpu="never").search(q, 1)
+        exact_us = 1e6 * (time.perf_counter() - t0) / queries
+        print(f"RESULT assign data={structure} k={k} regime=exact us_per_query={exact_us:.1f} agreement=1.0000", flush=True)
+        for mode, params, label in regimes:
+            index = CentroidIndex(centroids, use_gpu="never", **params)
+            assert index.mode == mode
+            t0 = time.perf_counter()
+            got, got_scores = index.search(q, 1)
+            us = 1e6 * (time.perf_counter() - t0) / queries
+            print(
+                f"RESULT assign data={structure} k={k} regime={label.replace(' ', '_')} us_per_query={us:.1f} "
+                f"agreement={np.mean(got[:, 0] == want[:, 0]):.4f} mean_score_loss={np.mean(want_scores - got_scores):.5f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--assignment",
+        default="",
+        help="instead: centroid assignment regimes vs the exact scan at these K, comma-separated (e.g. 2380,9524 = 1M and 4M sentences)",
+    )
+    ap.add_argument("--queries", type=int, default=40_000, help="queries of --assignment")
     ap.add_argument("--rows", default="500000,2000000", help="corpus sizes, comma-separated (each in its own subprocess)")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--clusters", type=int, default=0, help="K (default: rows / 420, as the stage)")
@@ -132,6 +189,12 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.assignment:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        bench_assignment([int(k) for k in args.assignment.split(",")], args.dim, args.queries, args.seed)
+        return
     if args.child:
         args.rows = int(args.rows)
         print(json.dumps(child(args)))

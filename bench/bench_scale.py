@@ -6,9 +6,10 @@ no image is decoded and no LLM runs: the caption step writes a synthetic caption
 similarity band embeds captions with a hashing embedder. Every step then runs in its own process,
 as a pod would (per-shard steps: one process per shard), and prints
 
-    STEP name n=ITEMS seconds=S peak_rss_mb=R
+    STEP name n=ITEMS seconds=S cpu_seconds=C peak_rss_mb=R
 
-(seconds summed over a step's processes, peak RSS the largest of them). Run it at two sizes and
+(seconds summed over a step's processes, peak RSS the largest of them; cpu_seconds the processes'
+user + system time, the steadier figure when other work shares the cores). Run it at two sizes and
 compare: per-item time and peak RSS should stay flat when the corpus grows.
 
     python bench/bench_scale.py --sentences 1000000 --images 240000
@@ -241,8 +242,8 @@ STEPS = [
 ]
 
 
-def _child(name: str, root: str, shards: list[str], shard: str | None, args: dict) -> tuple[int, float, float]:
-    """Run one step in a fresh process: (items, seconds, peak RSS MB of that process)."""
+def _child(name: str, root: str, shards: list[str], shard: str | None, args: dict) -> tuple[int, float, float, float]:
+    """Run one step in a fresh process: (items, wall seconds, peak RSS MB, CPU seconds of that process)."""
     spec = json.dumps({"name": name, "root": root, "shards": shards, "shard": shard, "args": args})
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec], stdout=subprocess.PIPE, cwd=REPO)
@@ -252,8 +253,10 @@ def _child(name: str, root: str, shards: list[str], shard: str | None, args: dic
     if status != 0:
         raise SystemExit(f"step {name} ({shard or 'global'}) failed with status {status}")
     # the child's own peak (wait4's figure also carries the peaks of earlier children on Linux)
-    items, maxrss_kb = out.decode().strip().splitlines()[-1].split()
-    return int(items), seconds, int(maxrss_kb) / 1024
+    lines = out.decode().strip().splitlines()
+    items, maxrss_kb = lines[-1].split()
+    cpu = float(lines[-2].split()[1])
+    return int(items), seconds, int(maxrss_kb) / 1024, cpu
 
 
 def main() -> None:
@@ -273,24 +276,36 @@ def main() -> None:
 
         spec = json.loads(a.child)
         n = run_step(spec["name"], spec["root"], spec["shards"], spec["shard"], spec["args"])
-        print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print("CPU", usage.ru_utime + usage.ru_stime)
+        print(n, usage.ru_maxrss)
         return
     root = a.root or tempfile.mkdtemp(prefix="realsyn-scale-")
     n_shards = a.shards or max(4, a.sentences // 250_000)
     shards = [f"part-{i:05d}" for i in range(n_shards)]
     args = {"dim": a.dim, "niter": a.niter, "sentences": a.sentences, "images": a.images, "topics": a.topics, "seed": a.seed}
     try:
-        _, seconds, rss = _child("write_corpus", root, shards, None, args)
+        _, seconds, rss, _ = _child("write_corpus", root, shards, None, args)
         print(
             f"corpus: {a.sentences} sentences, {a.images} images, {n_shards} shards, D={a.dim} written in {seconds:.0f}s (peak {rss:.0f} MB)"
         )
         totals = {}
         for name in STEPS:
             runs = [_child(name, root, shards, None, args)] if name in GLOBAL else [_child(name, root, shards, s, args) for s in shards]
-            n, seconds, rss = sum(r[0] for r in runs), sum(r[1] for r in runs), max(r[2] for r in runs)
-            totals[name] = (n, seconds, rss)
-            print(f"STEP {name} n={n} seconds={seconds:.1f} peak_rss_mb={rss:.0f} us_per_item={1e6 * seconds / max(n, 1):.1f}", flush=True)
-        print("RESULT " + " ".join(f"{k}_us_per_item={1e6 * v[1] / max(v[0], 1):.1f} {k}_rss_mb={v[2]:.0f}" for k, v in totals.items()))
+            n, seconds, rss, cpu = sum(r[0] for r in runs), sum(r[1] for r in runs), max(r[2] for r in runs), sum(r[3] for r in runs)
+            totals[name] = (n, seconds, rss, cpu)
+            print(
+                f"STEP {name} n={n} seconds={seconds:.1f} cpu_seconds={cpu:.1f} peak_rss_mb={rss:.0f} "
+                f"us_per_item={1e6 * seconds / max(n, 1):.1f} cpu_us_per_item={1e6 * cpu / max(n, 1):.1f}",
+                flush=True,
+            )
+        print(
+            "RESULT "
+            + " ".join(
+                f"{k}_us_per_item={1e6 * v[1] / max(v[0], 1):.1f} {k}_cpu_us_per_item={1e6 * v[3] / max(v[0], 1):.1f} {k}_rss_mb={v[2]:.0f}"
+                for k, v in totals.items()
+            )
+        )
     finally:
         if not a.root:
             shutil.rmtree(root, ignore_errors=True)

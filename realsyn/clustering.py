@@ -227,7 +227,7 @@ def fit_centroids(
     sample: np.ndarray,
     k: int,
     *,
-    two_level_above: int = 65_536,
+    two_level_above: int = 1024,
     niter: int = 20,
     seed: int = 0,
     use_gpu: str = "auto",
@@ -252,26 +252,55 @@ def fit_centroids(
 class CentroidIndex:
     """Nearest centroids by inner product, the one index that assigns and probes clusters.
 
-    Exact up to ``exact_up_to`` centroids; above, HNSW over the centroids (``hnsw_m`` links,
-    ``ef_search`` candidates), whose cost grows with log K instead of K: at 2M sentence clusters a
-    flat scan is nearly all of the assignment work. The exact scan runs as blocked float32 products
-    through numpy's BLAS (faiss-cpu's bundled BLAS is built for an old instruction set and measured
-    several times slower here); on a GPU machine it is a faiss flat index on the GPUs
-    (``use_gpu``: auto, true, false). Ties go to the lower centroid id.
+    Three regimes by the number of centroids K (``mode``):
+
+    - ``exact`` up to ``exact_up_to``: a blocked scan of all K, float32 products through numpy's
+      BLAS (faiss-cpu's bundled BLAS is built for an old instruction set and measured several
+      times slower here); on a GPU machine a faiss flat index on the GPUs (``use_gpu``).
+    - ``cells`` up to ``cells_up_to``: the centroids are grouped into ~sqrt(K) cells by a small
+      spherical K-means over the centroids themselves; a query scans the cell centres, then only
+      the centroids of its ``probe_cells`` best cells, as one matrix product per cell over the
+      queries that probe it. Work per query ~ (1 + probe_cells) sqrt(K) instead of K, still BLAS;
+      a query's best centroid is missed only when it lies outside its ``probe_cells`` best cells
+      (bench/bench_kmeans.py measures the agreement with the exact scan).
+    - ``hnsw`` above: HNSW over the centroids (``hnsw_m`` links, ``ef_search`` candidates), log K.
+
+    Ties go to the lower centroid id (exact and cells).
     """
 
     block_scores = 1 << 22  # scores per block of the exact CPU scan (16 MiB)
+    cells_batch = 65_536  # queries per batch of the cells search
 
-    def __init__(self, centroids: np.ndarray, *, exact_up_to: int = 65536, hnsw_m: int = 32, ef_search: int = 128, use_gpu: str = "auto"):
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        *,
+        exact_up_to: int = 65_536,
+        cells_up_to: int = 65_536,
+        probe_cells: int = 8,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        use_gpu: str = "auto",
+        seed: int = 0,
+    ):
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         if centroids.ndim != 2 or len(centroids) == 0:
             raise ValueError(f"need a non-empty (k, D) centroid array, got shape {centroids.shape}")
+        if probe_cells <= 0:
+            raise ValueError(f"probe_cells must be positive, got {probe_cells}")
         faiss = _faiss()
         self.k, self.dim = centroids.shape
-        self.exact = self.k <= exact_up_to
+        gpu = faiss_use_gpu(use_gpu)
+        # a GPU scans every centroid faster than the cells bookkeeping saves
+        self.mode = "exact" if self.k <= exact_up_to or (gpu and self.k <= cells_up_to) else "cells" if self.k <= cells_up_to else "hnsw"
+        self.exact = self.mode == "exact"
         self.centroids = None
-        if self.exact and not faiss_use_gpu(use_gpu):
-            self.centroids, self.index = centroids, None
+        self.index = None
+        if self.mode == "exact" and not gpu:
+            self.centroids = centroids
+            return
+        if self.mode == "cells":
+            self._build_cells(centroids, probe_cells, seed)
             return
         if self.exact:
             index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.dim))
@@ -280,6 +309,20 @@ class CentroidIndex:
             index.hnsw.efSearch = max(int(ef_search), 1)
         index.add(centroids)
         self.index = index
+
+    def _build_cells(self, centroids: np.ndarray, probe_cells: int, seed: int) -> None:
+        n_cells = max(1, round(np.sqrt(self.k)))
+        centres = train_kmeans(centroids, n_cells, niter=10, seed=seed, use_gpu="never", max_points_per_centroid=1 << 20)
+        cell = _exact_top(centroids, centres, 1)[0][:, 0]
+        used = np.unique(cell)  # K-means may leave a centre without centroids: drop it
+        self.cell_centres = np.ascontiguousarray(centres[used])
+        cell = np.searchsorted(used, cell)
+        self.cell_order = np.argsort(cell, kind="stable").astype(np.int64)  # centroid ids, cell by cell
+        self.cell_offsets = np.zeros(len(used) + 1, np.int64)
+        np.cumsum(np.bincount(cell, minlength=len(used)), out=self.cell_offsets[1:])
+        self.cell_centroids = np.ascontiguousarray(centroids[self.cell_order])
+        self.probe_cells = min(int(probe_cells), len(used))
+        self._all_centroids = centroids  # exact fallback for a query whose probed cells hold fewer than n centroids
 
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row's ``n`` nearest centroids, best first: (ids int64 (N, p), scores float32 (N, p)), p = min(n, k)."""
@@ -292,25 +335,74 @@ class CentroidIndex:
         if len(queries) == 0:
             return np.empty((0, p), dtype=np.int64), np.empty((0, p), dtype=np.float32)
         if self.centroids is not None:
-            return self._exact_cpu(queries, p)
+            return _exact_top(queries, self.centroids, p, self.block_scores)
+        if self.mode == "cells":
+            ids = np.empty((len(queries), p), dtype=np.int64)
+            scores = np.empty((len(queries), p), dtype=np.float32)
+            for start in range(0, len(queries), self.cells_batch):
+                stop = start + self.cells_batch
+                ids[start:stop], scores[start:stop] = self._cells_search(queries[start:stop], p)
+            return ids, scores
         if not self.exact:
             self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, p)
         scores, ids = self.index.search(queries, p)
         return ids.astype(np.int64), scores.astype(np.float32)
 
-    def _exact_cpu(self, queries: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.empty((len(queries), p), dtype=np.int64)
-        scores = np.empty((len(queries), p), dtype=np.float32)
-        rows = max(1, self.block_scores // self.k)
-        for start in range(0, len(queries), rows):
-            block = queries[start : start + rows] @ self.centroids.T
-            top = np.argpartition(-block, p - 1, axis=1)[:, :p] if p < self.k else np.broadcast_to(np.arange(self.k), block.shape).copy()
-            top_scores = np.take_along_axis(block, top, axis=1)
-            # best first; equal scores by centroid id
-            order = np.lexsort((top, -top_scores), axis=1)
-            ids[start : start + rows] = np.take_along_axis(top, order, axis=1)
-            scores[start : start + rows] = np.take_along_axis(top_scores, order, axis=1)
+    def _cells_search(self, queries: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+        probe = self.probe_cells
+        cells, _ = _exact_top(queries, self.cell_centres, probe, self.block_scores)
+        # candidates: p per probed cell, in slot (query, j-th probed cell); -inf where a cell has fewer
+        cand_ids = np.full((len(queries), probe * p), -1, dtype=np.int64)
+        cand_scores = np.full((len(queries), probe * p), -np.inf, dtype=np.float32)
+        flat_cell = cells.ravel()
+        pair_order = np.argsort(flat_cell, kind="stable")
+        bounds = np.searchsorted(flat_cell[pair_order], np.arange(len(self.cell_centres) + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            pairs = pair_order[bounds[c] : bounds[c + 1]]
+            rows, slot = pairs // probe, pairs % probe
+            lo, hi = self.cell_offsets[c], self.cell_offsets[c + 1]
+            top, top_scores = _exact_top(queries[rows], self.cell_centroids[lo:hi], min(p, int(hi - lo)), self.block_scores)
+            cols = slot[:, None] * p + np.arange(top.shape[1])
+            cand_ids[rows[:, None], cols] = self.cell_order[lo + top]
+            cand_scores[rows[:, None], cols] = top_scores
+        top = (
+            np.argpartition(-cand_scores, p - 1, axis=1)[:, :p]
+            if p < cand_scores.shape[1]
+            else np.arange(p)[None, :].repeat(len(queries), 0)
+        )
+        ids = np.take_along_axis(cand_ids, top, axis=1)
+        scores = np.take_along_axis(cand_scores, top, axis=1)
+        order = np.lexsort((ids, -scores), axis=1)
+        ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        short = np.flatnonzero(ids[:, -1] < 0)  # probed cells held fewer than p centroids
+        if len(short):
+            ids[short], scores[short] = _exact_top(queries[short], self._all_centroids, p, self.block_scores)
         return ids, scores
+
+
+def _exact_top(queries: np.ndarray, keys: np.ndarray, p: int, block_scores: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``p`` best keys by inner product, best first, ties by lower key id: blocked BLAS products."""
+    k = len(keys)
+    ids = np.empty((len(queries), p), dtype=np.int64)
+    scores = np.empty((len(queries), p), dtype=np.float32)
+    rows = max(1, block_scores // k)
+    keys_t = keys.T
+    for start in range(0, len(queries), rows):
+        block = queries[start : start + rows] @ keys_t
+        if p == 1:  # the common case (assignment): argmax is one pass and takes the first, i.e. lowest, best id
+            best = block.argmax(axis=1)
+            best_scores = np.take_along_axis(block, best[:, None], axis=1)[:, 0]
+            if not np.isnan(best_scores).any():  # argmax prefers NaN; the general path ranks it last
+                ids[start : start + rows, 0] = best
+                scores[start : start + rows, 0] = best_scores
+                continue
+        top = np.argpartition(-block, p - 1, axis=1)[:, :p] if p < k else np.broadcast_to(np.arange(k), block.shape).copy()
+        top_scores = np.take_along_axis(block, top, axis=1)
+        # best first; equal scores by key id
+        order = np.lexsort((top, -top_scores), axis=1)
+        ids[start : start + rows] = np.take_along_axis(top, order, axis=1)
+        scores[start : start + rows] = np.take_along_axis(top_scores, order, axis=1)
+    return ids, scores
 
 
 def assign(emb: np.ndarray, centroids: np.ndarray | CentroidIndex, n_probe: int = 1) -> tuple[np.ndarray, np.ndarray]:

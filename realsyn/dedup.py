@@ -650,17 +650,23 @@ def hamming_edges(
 # -- semantic (embedding) near-duplicates --------------------------------------------------------
 
 AUTO_FLAT_BELOW = 50_000  # "auto": exact Flat below this many vectors, IVF-SQ8 from here on
+AUTO_LIST_LENGTH = 256  # "auto": vectors per IVF list, constant so a probe costs the same at any N ...
+AUTO_MAX_LISTS = 1 << 20  # ... up to 268M vectors; above, longer lists (the coarse quantiser stays ~1M centroids)
 APPROXIMATE_CODES = re.compile(r"SQ|PQ|LSH|RaBitQ")
 SQ_MARGIN = 0.02  # approximate codes: candidates from threshold - margin, then exact verification
+TRAIN_POINTS_PER_LIST = 32  # coarse quantiser training sample per IVF list (two-level K-means) ...
+TRAIN_ROWS_CAP = 262_144  # ... capped, so the training reservoir does not grow with N
+QUANTIZER_EF_SEARCH = 64  # HNSW coarse quantiser: candidates per assignment / probe (>= nprobe)
 
 
 def auto_index_factory(n: int) -> str:
     """The faiss index of "auto": Flat (exact) below AUTO_FLAT_BELOW vectors, else
-    ``IVF{4 sqrt(n)},SQ8`` (bench/bench_dedup.py: tens of times faster than Flat at recall ~1
-    once edges are verified)."""
+    ``IVF{n / 256}_HNSW32,SQ8`` (at most 2^20 lists): lists of a constant ~256 vectors, so ``nprobe`` lists cost the same
+    per query at any N, and an HNSW coarse quantiser, so finding the lists grows with log(nlist)
+    instead of nlist (bench/bench_dedup.py: recall and time against Flat)."""
     if n < AUTO_FLAT_BELOW:
         return "Flat"
-    return f"IVF{int(4 * math.sqrt(n))},SQ8"
+    return f"IVF{min(max(1, n // AUTO_LIST_LENGTH), AUTO_MAX_LISTS)}_HNSW32,SQ8"
 
 
 def rowwise_dot(a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
@@ -674,7 +680,7 @@ def rowwise_dot(a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
 class SemanticIndex:
     """Inner-product faiss index over L2-normalised vectors; edges = pairs with cosine >= threshold.
 
-    ``index_factory`` "Flat" is exact. IVF variants ("IVF4096,Flat"; at scale "IVF65536,SQ8",
+    ``index_factory`` "Flat" is exact. IVF variants ("IVF4096,Flat"; at scale "IVF65536_HNSW32,SQ8",
     ``auto_index_factory``) must be ``train``-ed on a sample first and probe only ``nprobe``
     lists, so recall is approximate. With compressed codes (SQ, PQ: ``approximate``) the
     similarities are approximate too: ``edges`` then returns *candidates* at ``threshold -
@@ -702,13 +708,21 @@ class SemanticIndex:
             raise ValueError("search must be 'auto', 'range' or 'knn'")
         gpu = faiss_use_gpu(use_gpu)
         self.dim, self.threshold, self.k_neighbors, self.nprobe = int(dim), float(threshold), int(k_neighbors), int(nprobe)
-        self.index_factory = index_factory
         self.approximate = bool(APPROXIMATE_CODES.search(index_factory))
         self.margin = float((SQ_MARGIN if self.approximate else 0.0) if margin is None else margin)
         self.saturated_queries = 0
+        if gpu:  # GPU IVF searches its coarse centroids by brute force on the device
+            index_factory = re.sub(r"_HNSW\d*", "", index_factory)
+        self.index_factory = index_factory
         index = faiss.index_factory(self.dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+        self._hnsw_quantizer = None
         try:
-            self.nlist = int(faiss.extract_index_ivf(index).nlist)
+            ivf = faiss.extract_index_ivf(index)
+            self.nlist = int(ivf.nlist)
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                self._hnsw_quantizer = quantizer
+                quantizer.hnsw.efSearch = max(QUANTIZER_EF_SEARCH, self.nprobe)
         except RuntimeError:  # not an IVF index
             self.nlist = 0
         if gpu:
@@ -737,7 +751,11 @@ class SemanticIndex:
 
     @property
     def train_size(self) -> int:
-        """Training sample to ask for: 64 points per IVF list (faiss wants >= 39), at least 10,000."""
+        """Training sample to ask for: 64 points per IVF list (faiss wants >= 39), at least 10,000;
+        with an HNSW quantiser (trained two-level) 32 per list, capped at TRAIN_ROWS_CAP but never
+        under 2 per list."""
+        if self._hnsw_quantizer is not None:
+            return max(10_000, min(TRAIN_POINTS_PER_LIST * self.nlist, max(TRAIN_ROWS_CAP, 2 * self.nlist)))
         return max(10_000, 64 * self.nlist)
 
     def _check(self, emb: np.ndarray) -> np.ndarray:
@@ -747,8 +765,20 @@ class SemanticIndex:
         return emb
 
     def train(self, sample: np.ndarray) -> None:
-        """Train IVF/SQ/PQ quantisers on a sample (faiss wants >= ~39 points per list)."""
-        self._index.train(self._check(sample))
+        """Train IVF/SQ/PQ quantisers on a sample (faiss wants >= ~39 points per list).
+
+        An HNSW coarse quantiser gets its centroids from spherical two-level K-means
+        (``realsyn.clustering``: ~sample x 2 sqrt(nlist) work instead of faiss's sample x nlist,
+        which at nlist ~ N / 256 would grow as N^2); faiss then trains only the codes."""
+        sample = self._check(sample)
+        if self._hnsw_quantizer is not None and self._hnsw_quantizer.ntotal == 0:
+            from realsyn.clustering import train_kmeans_two_level
+
+            if len(sample) < self.nlist:
+                raise ValueError(f"{self.index_factory}: need at least {self.nlist} training rows, got {len(sample)}")
+            centroids = train_kmeans_two_level(sample, self.nlist, niter=10, use_gpu="never", normalized=False)
+            self._hnsw_quantizer.add(centroids)
+        self._index.train(sample)
         self._set_nprobe()
 
     def add(self, emb: np.ndarray) -> None:

@@ -1,9 +1,15 @@
 """Export of a split: WebDataset tar shards (what open_clip trains from) and a Parquet table.
 
 A sample is a dict with ``key`` (a safe ``__key__``), ``image_bytes``, ``image_format``, ``txt``
-(the caption a trainer sees) and ``json`` (all texts: real ones ranked with scores, synthetic ones,
-size, source document); ``make_sample`` builds one. Tars are written deterministically (fixed
-mtime, owner and member order), so a rerun produces byte-identical shards.
+(the caption a trainer sees: the synthetic one, else the top real text) and ``json`` (all texts:
+real ones ranked with scores, synthetic ones, size, source document); ``make_sample`` builds one.
+A tar holds per sample, in name order: the image as ``{key}.{ext}`` (one extension for the whole
+export, ``image_format``: images in another format are re-encoded, losslessly for ``png`` / ``webp``),
+``{key}.json``, ``{key}.real0.txt`` .. ``{key}.real{m-1}.txt`` (the real texts by rank, empty where
+fewer were retrieved: every sample has the same members, which ``datasets`` needs) and ``{key}.txt``.
+Tars are written deterministically (fixed mtime, owner and member order), so a rerun produces
+byte-identical shards. The Parquet table types its ``image`` column as a ``datasets`` Image (struct
+of bytes and path, with the ``huggingface`` schema metadata).
 
 ``write_webdataset`` / ``samples_to_parquet_table`` write such sample dicts one at a time.
 ``ShardSamples`` is the export stage's path: one shard's samples for every split in one pass over
@@ -21,6 +27,7 @@ import math
 import os
 import re
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -33,27 +40,80 @@ from realsyn.image_db import UndecodableImageError
 from realsyn.io import json_default
 from realsyn.stats import StepStats
 
-# image_format (as image_db records it) -> tar member extension open_clip reads.
+# image_format (as image_db records it) -> tar member extension.
 IMAGE_EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+# the extensions an export may use for every image -> the Pillow format it is encoded in
+OUTPUT_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+DEFAULT_IMAGE_FORMAT = "jpg"  # web images are mostly JPEG: they pass through untouched
+DEFAULT_SAMPLES_PER_SHARD = 10_000  # img2dataset's default
+REAL_TEXT_MEMBERS = 3  # real0.txt .. real2.txt: the paper retrieves k = 3 real texts per image
 REENCODE_JPEG_QUALITY = 95
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
-PARQUET_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("image_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("image_bytes", pa.binary()),
-        ("image_format", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("txt", pa.string()),
-        ("real_texts", pa.list_(pa.string())),
-        ("real_scores", pa.list_(pa.float32())),
-        ("synthetic_texts", pa.list_(pa.string())),
-    ]
-)
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's Arrow storage
+
+
+def _hf_feature(t: pa.DataType) -> dict[str, Any]:
+    """The ``datasets`` feature (dict form) of an Arrow type of PARQUET_SCHEMA."""
+    if t == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(t):
+        return {"feature": _hf_feature(t.value_type), "_type": "List"}
+    dtype = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32"}[t]
+    return {"dtype": dtype, "_type": "Value"}
+
+
+_PARQUET_FIELDS = [
+    ("key", pa.string()),
+    ("image", IMAGE_TYPE),
+    ("image_id", pa.string()),
+    ("doc_id", pa.string()),
+    ("source", pa.string()),
+    ("image_format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("txt", pa.string()),
+    ("real_texts", pa.list_(pa.string())),
+    ("real_scores", pa.list_(pa.float32())),
+    ("synthetic_texts", pa.list_(pa.string())),
+]
+# the "huggingface" metadata makes datasets read the image column as an Image, not a plain struct
+HF_FEATURES = {name: _hf_feature(t) for name, t in _PARQUET_FIELDS}
+PARQUET_SCHEMA = pa.schema(_PARQUET_FIELDS, metadata={"huggingface": json.dumps({"info": {"features": HF_FEATURES}})})
+
+
+# The json member of a sample (as _Batch writes it, keys in order) in the YAML form of datasets features:
+# the data card declares them, so datasets need not infer them from the first samples.
+JSON_MEMBER_FEATURES: dict[str, dict[str, str]] = {
+    "doc_id": {"dtype": "string"},
+    "height": {"dtype": "int64"},
+    "image_id": {"dtype": "string"},
+    "real_scores": {"list": "float64"},
+    "real_sentence_ids": {"list": "string"},
+    "real_texts": {"list": "string"},
+    "shard": {"dtype": "string"},
+    "source": {"dtype": "string"},
+    "synthetic_texts": {"list": "string"},
+    "width": {"dtype": "int64"},
+}
+
+
+def check_image_format(image_format: str) -> str:
+    if image_format not in OUTPUT_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(OUTPUT_FORMATS)}, got {image_format!r}")
+    return image_format
+
+
+def member_suffixes(image_format: str, real_text_members: int) -> list[str]:
+    """The member suffixes of every sample, in the order they are written (name order)."""
+    if real_text_members < 0:
+        raise ValueError(f"real_text_members must be >= 0, got {real_text_members}")
+    return sorted([check_image_format(image_format), "json", "txt", *(f"real{j}.txt" for j in range(real_text_members))])
+
+
+def real_text_member(real_texts: Sequence[str | None], j: int) -> bytes:
+    """Member ``real{j}.txt``: the j-th real text, empty where fewer were retrieved."""
+    return (real_texts[j] or "").encode("utf-8") if j < len(real_texts) else b""
 
 
 def safe_key(image_id: str) -> str:
@@ -109,28 +169,41 @@ def make_sample(
     }
 
 
-def normalize_image(image_bytes: bytes, image_format: str | None) -> tuple[bytes, str]:
-    """(bytes, extension): jpeg/png/webp pass through; anything else is re-encoded to JPEG."""
-    ext = IMAGE_EXTENSIONS.get((image_format or "").lower())
-    if ext is not None:
-        return image_bytes, ext
+def normalize_image(
+    image_bytes: bytes, image_format: str | None, target: str = DEFAULT_IMAGE_FORMAT, jpeg_quality: int = REENCODE_JPEG_QUALITY
+) -> tuple[bytes, str]:
+    """(bytes, extension ``target``): an image already in ``target`` passes through untouched; any other is
+    decoded and re-encoded: losslessly as ``png`` or ``webp`` (pixels kept exactly), at ``jpeg_quality`` as ``jpg``."""
+    if IMAGE_EXTENSIONS.get((image_format or "").lower()) == check_image_format(target):
+        return image_bytes, target
     from realsyn.image_decode import MAX_PIXELS_CEILING, open_image
 
     out = io.BytesIO()
     try:
-        # allowed formats only, pixel ceiling and memory budget (decode + RGB copy: 8 bytes a pixel)
+        # allowed formats only, pixel ceiling and memory budget (decode + converted copy: 8 bytes a pixel)
         with open_image(image_bytes, max_pixels=MAX_PIXELS_CEILING, bytes_per_pixel=8) as im:
             im.load()
-            _to_rgb(im).save(out, format="JPEG", quality=REENCODE_JPEG_QUALITY)
+            if target == "jpg":
+                _to_rgb(im).save(out, format="JPEG", quality=jpeg_quality)
+            elif target == "png":
+                # PNG stores these modes as they are; others (CMYK, YCbCr, float) become RGB(A)
+                keep = im.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+                (im if keep else im.convert("RGBA" if _has_alpha(im) else "RGB")).save(out, format="PNG")
+            else:
+                im.convert("RGBA" if _has_alpha(im) else "RGB").save(out, format="WEBP", lossless=True, quality=100, method=4)
     except Exception as e:  # Pillow raises many types for bad data
         raise UndecodableImageError(f"cannot decode {image_format!r} image: {e}") from e
-    return out.getvalue(), "jpg"
+    return out.getvalue(), target
+
+
+def _has_alpha(im) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
 
 
 def _to_rgb(im):
     from PIL import Image
 
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+    if _has_alpha(im):
         # JPEG has no alpha: flatten onto white rather than dropping alpha (which can leave black).
         rgba = im.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -139,7 +212,15 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def _prepared(samples: Iterable[dict[str, Any]], stats: StepStats) -> Iterator[tuple[dict[str, Any], bytes, str]]:
+def _count_reencode(stats: StepStats, source_format: str | None, target: str) -> None:
+    stats.add("reencoded_images")
+    if target == "jpg":  # the only lossy re-encoding
+        stats.add("reencoded_lossy")
+
+
+def _prepared(
+    samples: Iterable[dict[str, Any]], stats: StepStats, target: str, jpeg_quality: int
+) -> Iterator[tuple[dict[str, Any], bytes, str]]:
     """(sample, image bytes, extension) for every exportable sample; the rest are counted and skipped."""
     for sample in samples:
         stats.add("samples_in")
@@ -152,12 +233,12 @@ def _prepared(samples: Iterable[dict[str, Any]], stats: StepStats) -> Iterator[t
             continue
         image_format = sample.get("image_format")
         try:
-            data, ext = normalize_image(sample["image_bytes"], image_format)
+            data, ext = normalize_image(sample["image_bytes"], image_format, target, jpeg_quality)
         except UndecodableImageError:
             stats.drop("undecodable_image")
             continue
-        if (image_format or "").lower() not in IMAGE_EXTENSIONS:
-            stats.add("reencoded_jpeg")
+        if IMAGE_EXTENSIONS.get((image_format or "").lower()) != target:
+            _count_reencode(stats, image_format, target)
         yield sample, data, ext
 
 
@@ -174,18 +255,23 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_webdataset(
     samples: Iterable[dict[str, Any]],
     open_shard: Callable[[str], BinaryIO],
-    samples_per_shard: int = 1000,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     shard_pattern: str = "{split}-{index:06d}.tar",
     split: str = "train",
     stats: StepStats | None = None,
+    image_format: str = DEFAULT_IMAGE_FORMAT,
+    real_text_members: int = REAL_TEXT_MEMBERS,
+    jpeg_quality: int = REENCODE_JPEG_QUALITY,
 ) -> dict[str, int]:
     """Write samples into tar shards opened with ``open_shard(name)`` (closed here when full).
 
     Returns {shard name: sample count}, the content of the ``sizes.json`` open_clip reads.
-    Members per sample, in name order: ``{key}.jpg|png|webp``, ``{key}.json``, ``{key}.txt``.
+    Members per sample in name order (``member_suffixes``): ``{key}.{image_format}``, ``{key}.json``,
+    ``{key}.real{j}.txt`` for j < ``real_text_members``, ``{key}.txt``.
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    suffixes = member_suffixes(image_format, real_text_members)
     stats = stats if stats is not None else StepStats("export_webdataset")
     sizes: dict[str, int] = {}
     file: BinaryIO | None = None
@@ -199,7 +285,7 @@ def write_webdataset(
             file.close()
 
     try:
-        for sample, data, ext in _prepared(samples, stats):
+        for sample, data, ext in _prepared(samples, stats, image_format, jpeg_quality):
             if tar is None or sizes[name] >= samples_per_shard:
                 close()
                 name = shard_pattern.format(split=split, index=len(sizes))
@@ -208,10 +294,13 @@ def write_webdataset(
                 tar = tarfile.open(fileobj=file, mode="w|", format=tarfile.PAX_FORMAT)
                 sizes[name] = 0
             key = sample["key"]
-            meta = json.dumps(sample.get("json") or {}, sort_keys=True, ensure_ascii=False, default=json_default)
-            members = {f"{key}.{ext}": data, f"{key}.json": meta.encode("utf-8"), f"{key}.txt": sample["txt"].encode("utf-8")}
-            for member in sorted(members):
-                _add_member(tar, member, members[member])
+            meta_dict = sample.get("json") or {}
+            meta = json.dumps(meta_dict, sort_keys=True, ensure_ascii=False, default=json_default)
+            real = list(meta_dict.get("real_texts") or [])
+            members = {ext: data, "json": meta.encode("utf-8"), "txt": sample["txt"].encode("utf-8")}
+            members.update({f"real{j}.txt": real_text_member(real, j) for j in range(real_text_members)})
+            for suffix in suffixes:
+                _add_member(tar, f"{key}.{suffix}", members[suffix])
             sizes[name] += 1
             stats.add("samples_written")
     finally:
@@ -220,18 +309,23 @@ def write_webdataset(
     return sizes
 
 
-def samples_to_parquet_table(samples: Iterable[dict[str, Any]], stats: StepStats | None = None) -> pa.Table:
-    """The same samples as one Parquet-ready table (image bytes included, texts as list columns)."""
+def samples_to_parquet_table(
+    samples: Iterable[dict[str, Any]],
+    stats: StepStats | None = None,
+    image_format: str = DEFAULT_IMAGE_FORMAT,
+    jpeg_quality: int = REENCODE_JPEG_QUALITY,
+) -> pa.Table:
+    """The same samples as one Parquet-ready table (PARQUET_SCHEMA: the image a ``datasets`` Image, texts as list columns)."""
     stats = stats if stats is not None else StepStats("export_parquet")
     rows: dict[str, list[Any]] = {field.name: [] for field in PARQUET_SCHEMA}
-    for sample, data, ext in _prepared(samples, stats):
+    for sample, data, ext in _prepared(samples, stats, image_format, jpeg_quality):
         meta = sample.get("json") or {}
         rows["key"].append(sample["key"])
+        rows["image"].append({"bytes": data, "path": f"{sample['key']}.{ext}"})
         rows["image_id"].append(meta.get("image_id"))
         rows["doc_id"].append(meta.get("doc_id"))
         rows["source"].append(meta.get("source"))
-        rows["image_bytes"].append(data)
-        rows["image_format"].append("jpeg" if ext == "jpg" else ext)
+        rows["image_format"].append(OUTPUT_FORMATS[ext].lower())
         rows["width"].append(meta.get("width"))
         rows["height"].append(meta.get("height"))
         rows["txt"].append(sample["txt"])
@@ -448,13 +542,6 @@ def _json_floats(values: Sequence[Any]) -> str:
     return "[" + ", ".join(out) + "]"
 
 
-# (json member, txt member) -> (members before the image member, members after it), by image extension
-_MEMBER_ORDER: dict[str, Callable[[bytes, bytes], tuple[bytes, bytes]]] = {
-    "jpg": lambda j, t: (b"", j + t),
-    "png": lambda j, t: (j, t),
-    "webp": lambda j, t: (j + t, b""),
-}
-assert all(sorted(["k." + ext, "k.json", "k.txt"]).index("k." + ext) == len(_MEMBER_ORDER[ext](b"j", b"t")[0]) for ext in _MEMBER_ORDER)
 _JSON_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=json_default)
 _PARQUET_BATCH_ROWS = 1024  # Parquet rows per row group (at least; a split's last one smaller)
 
@@ -469,12 +556,16 @@ class _Batch:
         self.slot[rows - start] = np.arange(len(rows))
         local = pa.array(rows - start, pa.int64())
         n = len(rows)
+        target, quality, m = owner.image_format, owner.jpeg_quality, owner.real_text_members
         self.retrieval_rows = owner.retrieval_of[rows]
         retr = owner.retrievals.select(["sentence_ids", "texts", "scores"]).take(pa.array(self.retrieval_rows, pa.int64()))
         synthetic = owner.captions.column("synthetic_caption").take(pa.array(owner.caption_of[rows], pa.int64())).to_pylist()
         data = _binary_views(_chunked(images.column("image_bytes")), rows - start)
         meta_columns = ("image_id", "format", "width", "height", "doc_id", "source")
         columns = [_chunked(images.column(c)).take(local).to_pylist() for c in meta_columns]
+        # image_db's sha256 of the image bytes: the image's share of the content hash without hashing it again
+        has_sha = "sha256" in images.schema.names
+        sha_col = _chunked(images.column("sha256")).take(local).to_pylist() if has_sha else [None] * n
         texts_col, scores_col, sentence_ids_col = (retr.column(c).to_pylist() for c in ("texts", "scores", "sentence_ids"))
         # per slot: None when exportable, else the drop reason; and the pieces of its tar members
         self.status: list[str | None] = [None] * n
@@ -483,13 +574,16 @@ class _Batch:
         self.synthetic: list[list[str]] = [[c] if c else [] for c in synthetic]
         self.out_format: list[str | None] = [None] * n
         self.reencoded: list[bytes | None] = [None] * n
-        self.members: list[tuple[bytes, Any, bytes, int] | None] = [None] * n
+        # (bytes before the image, the image, bytes after it, total size, the image's sha256 hex)
+        self.members: list[tuple[bytes, Any, bytes, int, bytes] | None] = [None] * n
         shard_json = _json_value(owner.shard)
-        ok: list[int] = []  # slots to build members for, with their image bytes, extension, json and txt
+        out_format = OUTPUT_FORMATS[target].lower()
+        ok: list[int] = []  # slots to build members for, with their image bytes, the data of every other member
         images_ok: list[Any] = []
-        exts: list[str] = []
-        jsons: list[bytes] = []
-        txts: list[bytes] = []
+        digests: list[bytes] = []
+        member_data: dict[str, list[bytes]] = {s: [] for s in owner.suffixes if s != target}
+        real_data = [member_data[f"real{j}.txt"] for j in range(m)]
+        jsons, txts = member_data["json"], member_data["txt"]
         for i, (image_id, fmt, width, height, doc_id, source) in enumerate(zip(*columns)):
             self.keys[i] = safe_key(image_id)
             real_texts, synthetic_texts = list(texts_col[i] or []), self.synthetic[i]
@@ -501,15 +595,17 @@ class _Batch:
             if txt is None:
                 self.status[i] = "missing_txt"
                 continue
-            ext = IMAGE_EXTENSIONS.get((fmt or "").lower())
-            if ext is None:
+            if IMAGE_EXTENSIONS.get((fmt or "").lower()) != target:
                 try:
-                    image, ext = normalize_image(bytes(image), fmt)
+                    image, _ = normalize_image(bytes(image), fmt, target, quality)
                 except UndecodableImageError:
                     self.status[i] = "undecodable_image"
                     continue
                 self.reencoded[i] = image
-            self.out_format[i] = "jpeg" if ext == "jpg" else ext
+                digest = hashlib.sha256(image).hexdigest()
+            else:
+                digest = sha_col[i] or hashlib.sha256(image).hexdigest()
+            self.out_format[i] = out_format
             sentence_ids = sentence_ids_col[i]
             # json.dumps(make_sample(...)["json"], sort_keys=True, ensure_ascii=False), written out key by key
             meta = (
@@ -521,21 +617,29 @@ class _Batch:
             )
             ok.append(i)
             images_ok.append(image)
-            exts.append(ext)
+            digests.append(digest.encode())
             jsons.append(meta.encode("utf-8"))
             txts.append(txt.encode("utf-8"))
+            for j, column in enumerate(real_data):
+                column.append(real_text_member(real_texts, j))
         keys = [self.keys[i].encode() for i in ok]
-        json_headers = tar_headers([k + b".json" for k in keys], [len(x) for x in jsons])
-        txt_headers = tar_headers([k + b".txt" for k in keys], [len(x) for x in txts])
-        image_headers = tar_headers([k + b"." + e.encode() for k, e in zip(keys, exts)], [len(x) for x in images_ok])
-        for j, i in enumerate(ok):
-            json_data, txt_data, image = jsons[j], txts[j], images_ok[j]
-            json_member = b"".join((json_headers[j], json_data, _padding(len(json_data))))
-            txt_member = b"".join((txt_headers[j], txt_data, _padding(len(txt_data))))
-            # members in name order, as write_webdataset writes them: "jpg" < "json" < "png" < "txt" < "webp"
-            before, after = _MEMBER_ORDER[exts[j]](json_member, txt_member)
-            head, tail = before + image_headers[j], _padding(len(image)) + after
-            self.members[i] = (head, image, tail, len(head) + len(image) + len(tail))
+        headers = {s: tar_headers([k + b"." + s.encode() for k in keys], [len(x) for x in d]) for s, d in member_data.items()}
+        image_headers = tar_headers([k + b"." + target.encode() for k in keys], [len(x) for x in images_ok])
+        at = owner.suffixes.index(target)
+        before, after = owner.suffixes[:at], owner.suffixes[at + 1 :]  # members in name order around the image
+        for jj, i in enumerate(ok):
+            image = images_ok[jj]
+            head_parts = []
+            for s in before:
+                x = member_data[s][jj]
+                head_parts += (headers[s][jj], x, _padding(len(x)))
+            head_parts.append(image_headers[jj])
+            tail_parts = [_padding(len(image))]
+            for s in after:
+                x = member_data[s][jj]
+                tail_parts += (headers[s][jj], x, _padding(len(x)))
+            head, tail = b"".join(head_parts), b"".join(tail_parts)
+            self.members[i] = (head, image, tail, len(head) + len(image) + len(tail), digests[jj])
 
     def parquet_table(self, owner: ShardSamples, slots: np.ndarray) -> pa.Table:
         """PARQUET_SCHEMA rows of ``slots`` (exportable ones only)."""
@@ -549,6 +653,10 @@ class _Batch:
             )
         else:
             image_bytes = _chunked(images.column("image_bytes")).take(local)
+        if isinstance(image_bytes, pa.ChunkedArray):
+            image_bytes = image_bytes.combine_chunks()
+        suffix = "." + owner.image_format
+        paths = pa.array([self.keys[s] + suffix for s in sl], pa.string())
         retrieval_rows = pa.array(self.retrieval_rows[slots], pa.int64())
         real_texts = owner.retrievals.column("texts").take(retrieval_rows)
         real_scores = owner.retrievals.column("scores").take(retrieval_rows)
@@ -557,10 +665,10 @@ class _Batch:
             real_scores = pa.array([x or [] for x in real_scores.to_pylist()], pa.list_(pa.float32()))
         columns = {
             "key": pa.array([self.keys[s] for s in sl], pa.string()),
+            "image": pa.StructArray.from_arrays([_as_type(image_bytes, pa.binary()), paths], fields=list(IMAGE_TYPE)),
             "image_id": _chunked(images.column("image_id")).take(local),
             "doc_id": _chunked(images.column("doc_id")).take(local),
             "source": _chunked(images.column("source")).take(local),
-            "image_bytes": image_bytes,
             "image_format": pa.array([self.out_format[s] for s in sl], pa.string()),
             "width": _chunked(images.column("width")).take(local),
             "height": _chunked(images.column("height")).take(local),
@@ -576,17 +684,59 @@ def _chunked(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values], values.type)
 
 
+_HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/]*@)?(?P<host>[^/:?#]+)"
+TOP_HOSTS = 50  # image hosts kept per shard and split (the rest summed as "(other hosts)")
+
+
+class SplitFacts:
+    """What a split's data card says about its samples, from their Parquet rows, added up batch by batch:
+    histograms of text lengths and image-text scores (fixed edges, so shards add up) and image hosts."""
+
+    def __init__(self):
+        self.hist: dict[str, dict | None] = {"synthetic_length": None, "real_length": None, "real_score": None}
+        self.hosts: dict[str, int] = {}
+
+    def add(self, table: pa.Table) -> None:
+        from realsyn.datacard import SIMILARITY_EDGES, TEXT_LENGTH_EDGES, histogram, merge_histograms
+
+        real = pc.list_flatten(table.column("real_texts"))
+        new = {
+            "synthetic_length": histogram(pc.utf8_length(table.column("txt")).to_numpy(zero_copy_only=False), TEXT_LENGTH_EDGES),
+            "real_length": histogram(pc.utf8_length(pc.drop_null(real)).to_numpy(zero_copy_only=False), TEXT_LENGTH_EDGES),
+            "real_score": histogram(
+                pc.drop_null(pc.list_flatten(table.column("real_scores"))).to_numpy(zero_copy_only=False), SIMILARITY_EDGES
+            ),
+        }
+        self.hist = {k: merge_histograms(self.hist[k], new[k]) for k in self.hist}
+        hosts = pc.struct_field(pc.extract_regex(table.column("source"), _HOST), [0])
+        counts = pc.value_counts(hosts.fill_null("(no URL: inline or local)"))
+        for host, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+            self.hosts[host] = self.hosts.get(host, 0) + int(n)
+
+    def as_dict(self) -> dict[str, Any]:
+        top = sorted(self.hosts.items(), key=lambda x: (-x[1], x[0]))
+        hosts = dict(top[:TOP_HOSTS])
+        if len(top) > TOP_HOSTS:
+            hosts["(other hosts)"] = sum(n for _, n in top[TOP_HOSTS:])
+        return {**self.hist, "hosts": hosts}
+
+
 class SplitOutput:
     """Where one split's samples of a shard go: tars ``tar_name(0), tar_name(1), ...`` (at most
     ``samples_per_shard`` samples each) through ``open_shard(name)``, and one Parquet file (``parquet``,
-    opened by ``open_parquet()`` if the split chose any image of the shard)."""
+    opened by ``open_parquet()`` if the split chose any image of the shard).
+
+    ``content_sha256`` (after the write) is the sha256 of the tar members written, each image replaced
+    by its own sha256: the split's content of this shard (tars and Parquet hold the same samples) at
+    the cost of hashing the small members only. ``facts`` (a ``SplitFacts``) describes the samples.
+    """
 
     def __init__(
         self,
         open_shard: Callable[[str], BinaryIO],
         tar_name: Callable[[int], str],
         open_parquet: Callable[[], BinaryIO] | None,
-        samples_per_shard: int = 1000,
+        samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
         stats: StepStats | None = None,
     ):
         if samples_per_shard <= 0:
@@ -595,6 +745,9 @@ class SplitOutput:
         self.samples_per_shard = samples_per_shard
         self.stats = stats if stats is not None else StepStats("export")
         self.sizes: dict[str, int] = {}
+        self.facts = SplitFacts()
+        self._hash = hashlib.sha256()
+        self.content_sha256 = ""
         self._tar: TarStream | None = None
         self._name, self._count = "", 0
         self._parquet_file: BinaryIO | None = None
@@ -612,18 +765,24 @@ class SplitOutput:
         slots = batch.slot[rows - batch.start]
         self.stats.add("samples_in", len(slots))
         keep = []
+        update = self._hash.update
         for slot in slots.tolist():
             member = batch.members[slot]
             if member is None:
                 self.stats.drop(batch.status[slot])
                 continue
             if batch.reencoded[slot] is not None:
-                self.stats.add("reencoded_jpeg")
+                self.stats.add("reencoded_images")
+                if owner.image_format == "jpg":
+                    self.stats.add("reencoded_lossy")
             if self._tar is None or self._count >= self.samples_per_shard:
                 self._close_tar()
                 self._name, self._count = self.tar_name(len(self.sizes)), 0
                 self._tar = TarStream(self.open_shard(self._name))
             self._tar.write_parts(member[:3], member[3])
+            update(member[0])
+            update(member[4])
+            update(member[2])
             self._count += 1
             keep.append(slot)
         if self._parquet is not None and keep:
@@ -634,7 +793,9 @@ class SplitOutput:
 
     def _flush_parquet(self) -> None:
         if self._pending:
-            self._parquet.write_table(pa.concat_tables(self._pending))  # one row group
+            table = pa.concat_tables(self._pending)
+            self.facts.add(table)
+            self._parquet.write_table(table)  # one row group
         self._pending, self._pending_rows = [], 0
 
     def _close_tar(self) -> None:
@@ -650,6 +811,7 @@ class SplitOutput:
             self._parquet.close()
             self._parquet_file.close()
             self._parquet = None
+        self.content_sha256 = self._hash.hexdigest()
         self.stats.add("samples_written", sum(self.sizes.values()))
         self.stats.add("shards_written", len(self.sizes))
 
@@ -666,14 +828,14 @@ class ShardSamples:
     ``image_ids`` are the ids of the shard's filtered images (row order); ``retrievals`` (image_id,
     sentence_ids, texts, scores) and ``captions`` (image_id, synthetic_caption) the shard's tables;
     ``selections`` maps each split to the image ids it chose, in order. ``write`` then takes the
-    image rows in batches (image_id, image_bytes, format, width, height, doc_id, source) and, per
-    batch, prepares every image some split chose once (key, json and txt members, its image member
-    a zero-copy view of the image column, re-encoded once if its format needs it), then appends
-    each split's samples of that batch to the split's tars and Parquet file. Tar members and Parquet
-    rows equal what ``make_sample`` + ``write_webdataset`` / ``samples_to_parquet_table`` produce
-    for the same samples (``reference_samples``), in the same order. Streaming needs every split's
-    rows in ascending image order (``ordered``; the samplers keep candidate order); otherwise the
-    caller passes the whole table as one batch.
+    image rows in batches (image_id, image_bytes, format, width, height, doc_id, source, and sha256
+    when present) and, per batch, prepares every image some split chose once (key, json and text
+    members, its image member a zero-copy view of the image column, re-encoded once if its format is
+    not ``image_format``), then appends each split's samples of that batch to the split's tars and
+    Parquet file. Tar members and Parquet rows equal what ``make_sample`` + ``write_webdataset`` /
+    ``samples_to_parquet_table`` produce for the same samples (``reference_samples``), in the same
+    order. Streaming needs every split's rows in ascending image order (``ordered``; the samplers
+    keep candidate order); otherwise the caller passes the whole table as one batch.
     """
 
     def __init__(
@@ -683,8 +845,13 @@ class ShardSamples:
         retrievals: pa.Table,
         captions: pa.Table,
         selections: dict[str, Sequence[str] | pa.Array | pa.ChunkedArray],
+        image_format: str = DEFAULT_IMAGE_FORMAT,
+        real_text_members: int = REAL_TEXT_MEMBERS,
+        jpeg_quality: int = REENCODE_JPEG_QUALITY,
     ):
         self.shard, self.retrievals, self.captions = shard, retrievals, captions
+        self.image_format, self.real_text_members, self.jpeg_quality = image_format, real_text_members, jpeg_quality
+        self.suffixes = member_suffixes(image_format, real_text_members)
         self.num_images = len(image_ids)
         self.rows = {
             split: _positions(ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string()), image_ids, "the images")
@@ -744,10 +911,16 @@ def _as_type(values: pa.Array | pa.ChunkedArray, type_: pa.DataType) -> pa.Array
     return values if values.type == type_ else values.cast(type_)
 
 
-# image bytes are JPEG/PNG/WebP, already compressed: zstd and a dictionary only cost time there
+# Parquet leaf column paths (a list's values are "{name}.list.element", a struct's fields "{name}.{field}")
+_COLUMNS = [
+    f"{f.name}.{c.name}" if pa.types.is_struct(f.type) else f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+    for f in PARQUET_SCHEMA
+    for c in (f.type if pa.types.is_struct(f.type) else [f])
+]
+# the image bytes are JPEG/PNG/WebP, already compressed: zstd and a dictionary only cost time there
 PARQUET_WRITE_OPTIONS: dict[str, Any] = {
-    "compression": {f.name: ("none" if f.name == "image_bytes" else "zstd") for f in PARQUET_SCHEMA},
-    "use_dictionary": [f.name for f in PARQUET_SCHEMA if f.name != "image_bytes"],
+    "compression": {c: ("none" if c == "image.bytes" else "zstd") for c in _COLUMNS},
+    "use_dictionary": [c for c in _COLUMNS if c != "image.bytes"],
 }
 
 
@@ -779,3 +952,117 @@ def reference_samples(
         )
         sample["json"].update(real_sentence_ids=r["sentence_ids"], shard=shard)
         yield sample
+
+
+# ------------------------------------------------------------------------------------------------
+# Published splits: {root}/_exports/{split}/v{N}/ and latest.json, outside every generation folder.
+
+_VERSION_DIR = re.compile(r"v(\d+)")
+
+
+def _split_dir(root: Any, split: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str, Callable[[str], str]]:
+    """(filesystem, path of ``{root}/_exports/{split}``, path -> URI) for a root URI or a ``realsyn.storage.Storage``."""
+    from realsyn import layout
+    from realsyn.io import filesystem_for, join_path
+    from realsyn.storage import validate_name
+
+    validate_name(split, "split name")
+    if isinstance(root, str):
+        fs, base = filesystem_for(root.rstrip("/"), storage_options)
+        protocol = root.split("://", 1)[0] if "://" in root else None
+        to_uri = (lambda p: p) if protocol is None else (lambda p: f"{protocol}://{p}")
+    else:  # a Storage
+        fs, base, to_uri = root.fs, root.root, root.uri_of
+    return fs, join_path(fs, base, layout.PUBLISHED_EXPORTS_DIR, split), to_uri
+
+
+def published_versions(root: Any, split: str, storage_options: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
+    """{version: its manifest} of every complete published version of ``split`` (a version is complete
+    once its ``manifest.json``, written last, is there)."""
+    from realsyn import layout
+    from realsyn.io import join_path
+
+    fs, split_dir, _ = _split_dir(root, split, storage_options)
+    if not fs.exists(split_dir):
+        return {}
+    out = {}
+    for entry in fs.ls(split_dir, detail=False):
+        m = _VERSION_DIR.fullmatch(entry.rstrip("/").rsplit("/", 1)[-1])
+        if m is None:
+            continue
+        try:
+            out[int(m.group(1))] = json.loads(fs.cat_file(join_path(fs, entry.rstrip("/"), layout.PUBLISHED_MANIFEST_FILE)))
+        except FileNotFoundError:
+            continue  # being written, or a publish that died: not a version
+    return dict(sorted(out.items()))
+
+
+def published_split_path(root: Any, split: str, version: int | str = "latest", storage_options: dict[str, Any] | None = None) -> str:
+    """The URI of a published split folder (tars, sizes.json, train_data.txt, parquet/, README.md, datacard.json).
+
+    ``root`` is the storage root (a URI, or a ``realsyn.storage.Storage``); ``version`` a number or
+    ``"latest"`` (what ``latest.json`` points at). The folder is never deleted or changed by a later
+    publish (only its card is rewritten when an evaluation lands), so a training job can read it while
+    the next version builds. Raises ``FileNotFoundError`` for a split or version not published.
+    """
+    from realsyn import layout
+    from realsyn.io import join_path
+
+    fs, split_dir, to_uri = _split_dir(root, split, storage_options)
+    if version == "latest":
+        try:
+            version = int(json.loads(fs.cat_file(join_path(fs, split_dir, layout.PUBLISHED_LATEST_FILE)))["version"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"split {split!r} has not been published under {to_uri(split_dir)}") from None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"version must be a number or 'latest', got {version!r}")
+    folder = join_path(fs, split_dir, f"v{version}")
+    if not fs.exists(join_path(fs, folder, layout.PUBLISHED_MANIFEST_FILE)):
+        raise FileNotFoundError(f"split {split!r} has no complete published version {version} under {to_uri(split_dir)}")
+    return to_uri(folder)
+
+
+def claim_version(root: Any, split: str, storage_options: dict[str, Any] | None = None) -> int:
+    """A new version number of ``split``, claimed by creating ``v{N}/.claim`` exclusively (so two
+    publishers never write the same folder): one past the highest folder there."""
+    from realsyn.io import is_local, join_path
+
+    fs, split_dir, _ = _split_dir(root, split, storage_options)
+    taken = [
+        int(m.group(1))
+        for e in (fs.ls(split_dir, detail=False) if fs.exists(split_dir) else [])
+        if (m := _VERSION_DIR.fullmatch(e.rstrip("/").rsplit("/", 1)[-1]))
+    ]
+    n = max(taken, default=0) + 1
+    while True:
+        claim = join_path(fs, split_dir, f"v{n}", ".claim")
+        try:
+            if is_local(fs):
+                os.makedirs(os.path.dirname(claim), exist_ok=True)
+                os.close(os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            else:
+                fs.pipe_file(claim, b"", mode="create")  # a conditional PUT (If-None-Match: *)
+            return n
+        except FileExistsError:
+            n += 1
+        except NotImplementedError:  # an object store without conditional writes: check, then write
+            if fs.exists(claim):
+                n += 1
+                continue
+            fs.pipe_file(claim, b"")
+            return n
+        except OSError as e:
+            if "precondition" not in str(e).lower() and "conflict" not in str(e).lower():
+                raise
+            n += 1  # 412 / 409: another publisher claimed it first
+
+
+def point_latest(root: Any, split: str, version: int, data_version: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Flip ``latest.json`` of ``split`` to a complete ``version`` (one atomic write)."""
+    from realsyn import layout
+    from realsyn.io import atomic_write_bytes, join_path
+
+    fs, split_dir, to_uri = _split_dir(root, split, storage_options)
+    uri = published_split_path(root, split, version, storage_options)  # refuses an incomplete version
+    pointer = {"version": version, "path": f"v{version}", "uri": uri, "data_version": data_version, "updated_at": time.time()}
+    atomic_write_bytes(fs, join_path(fs, split_dir, layout.PUBLISHED_LATEST_FILE), json.dumps(pointer, indent=1).encode())

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 # Stages, in data-flow order: each is one core module ``realsyn/stages/<stage>.py``, one Dagster
 # module ``assets/<stage>.py`` and one asset group.
-INGEST, FILTER, EMBED, DEDUP, CLUSTER, RETRIEVE, CAPTION, SAMPLE, EXPORT = STAGES = (
+INGEST, FILTER, EMBED, DEDUP, CLUSTER, RETRIEVE, CAPTION, SAMPLE, EXPORT, EVALUATE = STAGES = (
     "ingest",
     "filter",
     "embed",
@@ -21,6 +21,7 @@ INGEST, FILTER, EMBED, DEDUP, CLUSTER, RETRIEVE, CAPTION, SAMPLE, EXPORT = STAGE
     "caption",
     "sample",
     "export",
+    "evaluate",
 )
 
 # Asset keys.
@@ -43,6 +44,7 @@ FILTERED_PAIRS = "filtered_pairs"
 SAMPLED_SPLITS = "sampled_splits"
 EXPORTED_SHARDS = "exported_shards"
 EXPORTED_SPLITS = "exported_splits"
+EVALUATIONS = "evaluations"  # partitioned by split, not by shard
 
 STAGE_OF: dict[str, str] = {
     SOURCE_DOCUMENTS: INGEST,
@@ -64,9 +66,10 @@ STAGE_OF: dict[str, str] = {
     SAMPLED_SPLITS: SAMPLE,
     EXPORTED_SHARDS: EXPORT,
     EXPORTED_SPLITS: EXPORT,
+    EVALUATIONS: EVALUATE,
 }
 
-# The graph runs as six jobs in data-flow order: per shard, global, per shard, global, per shard, global.
+# The graph runs as seven jobs in data-flow order: per shard, global, per shard, global, per shard, global, per split.
 PREPARE_SHARDS = (
     IMAGE_DB,
     SENTENCE_DB,
@@ -82,6 +85,7 @@ CAPTION_SHARDS = (SYNTHETIC_CAPTIONS, FILTERED_PAIRS)
 SAMPLE_SPLITS = (IMAGE_CLUSTERS, SAMPLED_SPLITS)
 EXPORT_SHARDS = (EXPORTED_SHARDS,)  # per shard: every split's tars and Parquet in one pass
 PUBLISH_EXPORT = (EXPORTED_SPLITS,)  # global: one folder per split (copied tars + sizes.json)
+EVALUATE_SPLITS = (EVALUATIONS,)  # per split: a small model trained with each objective, then scored
 
 # File names inside an asset's generation folder.
 IMAGES_FILE = "images.parquet"  # image_db, filtered_images
@@ -102,6 +106,14 @@ SIMILARITY_FILE = "similarity.parquet"  # filtered_pairs: image_id, similarity (
 BAND_FILE = "band.json"
 SIZES_FILE = "sizes.json"  # exported split: tar name -> samples (open_clip reads it)
 TRAIN_DATA_FILE = "train_data.txt"  # exported_splits: the split's tar URIs joined by "::" (open_clip --train-data)
+# Published splits, outside every generation (a leading "_": never an asset, never swept): {root}/_exports/{split}/v{N}/
+PUBLISHED_EXPORTS_DIR = "_exports"
+PUBLISHED_LATEST_FILE = "latest.json"  # _exports/{split}/latest.json: the version trainers read by default
+PUBLISHED_MANIFEST_FILE = "manifest.json"  # written last into v{N}/: the version is complete
+EVALUATION_FILE = "evaluation.json"  # evaluations: per objective the metrics, with the split's data version
+TRAINING_CURVE_FILE = "curve.parquet"  # evaluations: objective, step, loss, lr
+TRAINING_CURVE_PLOT = "curve.png"
+EVALUATION_HISTORY_DIR = "_history/evaluations"  # {split}.jsonl: every evaluation of a split, outside any generation
 CAPTION_CACHE_DIR = "_cache/synthetic_captions"  # {shard}/part-{n:06d}.parquet, append-only, outside any generation: survives reruns
 
 # One keep/drop record for every step that drops anything (see realsyn.decisions).
@@ -158,6 +170,11 @@ def export_sizes_file(split: str) -> str:
 def export_shard_parquet_file(split: str) -> str:
     """exported_shards: the samples of ``split`` from this shard as one Parquet table."""
     return f"{split}/parquet.parquet"
+
+
+def export_facts_file(split: str) -> str:
+    """exported_shards: ``split``'s content hash and data-card histograms of this shard."""
+    return f"{split}/facts.json"
 
 
 def export_parquet_file(split: str, shard: str) -> str:

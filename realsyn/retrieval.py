@@ -49,6 +49,8 @@ CLUSTER_OVERHEAD_FLOPS = 200_000
 BYTES_PER_FLOP_EQ = 8
 # Least work of one range (flops, about 1 ms of sgemm): below, waking a thread costs more than it saves.
 MIN_RANGE_FLOPS = 100_000_000
+# Least centroid-scan work of one image batch run on several BLAS threads (about 10 ms of sgemm on one core).
+MIN_PARALLEL_ASSIGN_FLOPS = 1_000_000_000
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +177,21 @@ class SearchResult:
     scores: np.ndarray  # (N, k) float32, -inf = padding
     stats: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # assign, gather, load, search, merge
+
+
+_THREADPOOLS = None
+
+
+def _threadpools():
+    """One threadpoolctl controller per process: building one inspects every loaded library (~1-3 ms,
+    as much as a whole small search), its ``limit`` is cheap. Built on first use, after faiss and
+    numpy's BLAS are loaded (a BLAS loaded later is not limited: the pass calls none)."""
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _THREADPOOLS = ThreadpoolController()
+    return _THREADPOOLS
 
 
 def resolve_threads(threads: int) -> int:
@@ -439,8 +456,6 @@ def cluster_ordered_search(
     ``load_part(p)`` returns bank part ``p`` as (rows, D) float32; each touched part is loaded once.
     ``threads``: 0 = every core. With every cluster probed the result is exact search's.
     """
-    from threadpoolctl import threadpool_limits
-
     from realsyn.clustering import CentroidIndex
 
     if k <= 0 or n_probe <= 0:
@@ -458,9 +473,12 @@ def cluster_ordered_search(
     finite_chunks: list[np.ndarray] = []
     # batches given without a memory budget are kept (one N x D array); with one, re-read per round
     kept: list[np.ndarray] | None = [] if resident is None and max_image_bytes is None else None
-    with threadpool_limits(limits=threads):
-        for batch in batches():
-            batch = _check(batch, dim, "image batch")
+    threadpools = _threadpools()
+    for batch in batches():
+        batch = _check(batch, dim, "image batch")
+        # a small batch runs on one BLAS thread: waking the others costs more than its product
+        assign_threads = threads if 2 * len(batch) * index.k * dim >= MIN_PARALLEL_ASSIGN_FLOPS else 1
+        with threadpools.limit(limits=assign_threads):
             finite = np.isfinite(batch).all(axis=1)
             probes = np.full((len(batch), min(n_probe, index.k)), -1, dtype=np.int64)
             if finite.any():
@@ -513,7 +531,7 @@ def cluster_ordered_search(
 
         executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retrieval")
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _threadpools().limit(limits=1, user_api="blas"):
             for r_lo, r_hi in rounds:
                 a, b = int(part_bounds[r_lo]), int(part_bounds[r_hi])
                 if a == b:

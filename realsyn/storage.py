@@ -19,6 +19,12 @@ sweep is ``Storage.sweep``. Retention and grace come from ``Storage(retention=, 
 ``REALSYN_STORAGE_RETENTION`` / ``REALSYN_STORAGE_GRACE_S`` environment variables (defaults 2 and
 3600 s).
 
+Pins. A generation something outside this root still refers to (a published dataset version, a
+training run) is pinned: ``Storage.pin(asset, partition, generation, holder)`` writes
+``{partition}/_pins/{holder}.json``, and no commit or sweep deletes a pinned generation, whatever
+its age or the retention; ``unpin`` hands it back to the retention rule. Pin before reading a
+generation for good (a generation is never deleted in the grace period after it was superseded).
+
 Names. Every asset, partition and file-name component that becomes a path is checked by
 ``validate_name`` (``[A-Za-z0-9][A-Za-z0-9_.-]*``, no ``..``): nothing is written outside the root.
 """
@@ -49,6 +55,7 @@ from realsyn.io import atomic_write_bytes, filesystem_for, is_local, join_path
 
 GLOBAL_PARTITION = "_global"
 CURRENT_FILE = "_CURRENT.json"
+PINS_DIR = "_pins"
 LOCK_FILE = ".lock"
 GENERATION_PREFIX = "g-"
 DEFAULT_RETENTION = 2
@@ -285,7 +292,8 @@ class Storage:
             return []
 
         def protected(m: dict[str, Any]) -> set[str]:
-            return {m["generation"], *(h["generation"] for h in self._kept_history(m.get("history", []), now))}
+            kept = {m["generation"], *(h["generation"] for h in self._kept_history(m.get("history", []), now))}
+            return kept | set(self._pins_in(directory).values())
 
         keep = protected(manifest)
         removed = []
@@ -300,14 +308,57 @@ class Storage:
             with contextlib.suppress(FileNotFoundError):
                 if now - self._newest_change(entry) < self.grace_s:
                     continue  # files changed recently: a writer is still at work
-            if not is_local(self.fs):  # no lock on S3: a slow writer may have committed it meanwhile
-                latest, _ = self._read_pointer(directory)
-                if latest is not None and generation in protected(latest):
-                    continue
+            # no lock on S3 (a slow writer may have committed it meanwhile) and pins take no lock anywhere:
+            # look again right before deleting
+            latest, _ = self._read_pointer(directory) if not is_local(self.fs) else (manifest, None)
+            if latest is not None and generation in protected(latest):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(entry, recursive=True)
             removed.append(name)
         return removed
+
+    # ------------------------------------------------------------------ pins
+    def _pins_in(self, directory: str) -> dict[str, str]:
+        base = join_path(self.fs, directory, PINS_DIR)
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for entry in entries:
+            name = posixpath.basename(entry.rstrip("/"))
+            if name.endswith(".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    out[name[: -len(".json")]] = json.loads(self.fs.cat_file(entry))["generation"]
+        return out
+
+    def pin(self, asset: str, partition: str | None, generation: str, holder: str) -> None:
+        """Keep ``generation`` of a partition until ``unpin(asset, partition, holder)``; one pin per holder
+        (pinning again moves it). The generation must exist (committed, or still within its grace period)."""
+        directory = self.partition_dir(asset, partition)
+        gen_dir = join_path(self.fs, directory, f"{GENERATION_PREFIX}{validate_name(generation, 'generation')}")
+        if not self.fs.exists(gen_dir):
+            raise MissingOutputError(f"{asset}/{_partition_name(partition)}: generation {generation} does not exist under {self.root_uri}")
+        path = join_path(self.fs, directory, PINS_DIR, f"{validate_name(holder, 'pin holder')}.json")
+        # locally under the lock every sweep holds; on S3 a sweep looks at the pins again right before deleting
+        with self._pointer_lock(directory):
+            if is_local(self.fs):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_bytes(self.fs, path, json.dumps({"generation": generation, "pinned_at": time.time()}).encode())
+            if not self.fs.exists(gen_dir):  # a sweep deleted it between the check and the pin
+                self.fs.rm(path)
+                raise MissingOutputError(f"{asset}/{_partition_name(partition)}: generation {generation} was swept while being pinned")
+
+    def unpin(self, asset: str, partition: str | None, holder: str) -> None:
+        """Remove ``holder``'s pin (nothing if it has none); the next commit or sweep applies the retention rule."""
+        path = join_path(self.fs, self.partition_dir(asset, partition), PINS_DIR, f"{validate_name(holder, 'pin holder')}.json")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path)
+
+    def pins(self, asset: str, partition: str | None = None) -> dict[str, str]:
+        """Holder -> pinned generation of one partition."""
+        return self._pins_in(self.partition_dir(asset, partition))
 
     def sweep(self, asset: str | None = None) -> list[str]:
         """Delete unused generations (superseded beyond retention and grace, or uncommitted orphans older

@@ -23,10 +23,10 @@ DEFAULT_INPUT = "demo_output/corpus"
 
 
 @lru_cache(maxsize=8)
-def _storage(root: str):
+def _storage(root: str, retention: int | None = None):
     from realsyn.storage import Storage
 
-    return Storage(root)
+    return Storage(root, retention=retention)
 
 
 @lru_cache(maxsize=8)
@@ -41,9 +41,14 @@ class StorageResource(dg.ConfigurableResource):
     """The one storage root of every asset: a local folder, or s3://bucket/prefix (AWS_ENDPOINT_URL for MinIO/moto)."""
 
     root: str = Field(default=DEFAULT_STORAGE_ROOT, description="Local folder or s3://bucket/prefix holding every asset's files.")
+    retention: int | None = Field(
+        default=None,
+        ge=1,
+        description="Committed generations kept per partition (the current one and the last N-1 it superseded); pinned ones are always kept. Default: REALSYN_STORAGE_RETENTION, else 2.",
+    )
 
     def get(self):
-        return _storage(self.root)
+        return _storage(self.root, self.retention)
 
 
 class ShardSourceResource(dg.ConfigurableResource):
@@ -94,7 +99,8 @@ class _PluginResource(dg.ConfigurableResource):
 
 
 class EmbedderResource(_PluginResource):
-    """The CLIP model of stages 4-10 (paper: EVA02-CLIP E/14-plus). open_clip falls back to a small random-weight model, with a warning, when weights cannot be had."""
+    """The CLIP model of stages 4-10 (paper: EVA02-CLIP E/14-plus). Production: a local weights file, no fallback. The embedded
+    default falls back to a small random-weight model (RealSyn-Tiny), with a warning, when weights cannot be had."""
 
     kind: ClassVar[str] = "embedder"
 
@@ -117,6 +123,47 @@ class GenerationBackendResource(_PluginResource):
         default_factory=dict,
         description="Backend parameters, e.g. model; vllm: base_url, api_key_env (name of the variable holding the key), max_concurrency, timeout_s.",
     )
+    api_key: str | None = Field(
+        default=None,
+        description="vllm: the server's API key as dg.EnvVar('REALSYN_VLLM_API_KEY'): config and the UI hold only the variable's name; "
+        "it is resolved in the run and handed to the client, never put in params. Unset: the client reads params.api_key_env.",
+    )
+
+    def get(self):
+        backend = super().get()
+        if hasattr(backend, "use_api_key"):
+            # in a run Dagster has resolved the EnvVar to its value; outside one (a script) it is still the name
+            key = os.environ.get(self.api_key.env_var_name) if isinstance(self.api_key, dg.EnvVar) else self.api_key
+            backend.use_api_key(key)
+        return backend
+
+
+class CaptionerResource(_PluginResource):
+    """The concise captioner of stage 8 (paper: OFA). Embedded: none (no captioning weights ship; the fusion prompt then has no
+    caption). Production: a vision-language model behind vLLM when REALSYN_CAPTIONER_URL is set."""
+
+    kind: ClassVar[str] = "captioner"
+
+    name: str = Field(
+        default="none",
+        description="none, vllm (a VLM behind vLLM's OpenAI-compatible API), hf (image-to-text model directory) or package.module:Class.",
+    )
+    params: dict[str, Any | None] = Field(
+        default_factory=dict,
+        description="Captioner parameters; vllm: base_url, model, prompt, max_new_tokens, max_concurrency; hf: model (a local directory), prompt, batch_size, device.",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="vllm: the server's API key as dg.EnvVar('REALSYN_CAPTIONER_API_KEY'), resolved in the run, never put in params. "
+        "Unset: the client reads params.api_key_env.",
+    )
+
+    def get(self):
+        captioner = super().get()
+        if hasattr(captioner, "use_api_key"):
+            key = os.environ.get(self.api_key.env_var_name) if isinstance(self.api_key, dg.EnvVar) else self.api_key
+            captioner.use_api_key(key)
+        return captioner
 
 
 class PerplexityScorerResource(_PluginResource):
@@ -170,20 +217,30 @@ def _environment_resources(env: str | None, input_uri: str | None, storage_root:
         return {
             "storage": StorageResource(root=storage_root),
             "shard_source": ShardSourceResource(input_uri=input_uri),
-            "embedder": EmbedderResource(params={"device": "cuda", "batch_size": 256, "fallback_model": None}),
+            # every model from a local path on the /models volume; a missing one fails the step with one line, no fallback
+            "embedder": EmbedderResource(
+                params={
+                    "pretrained": os.environ.get("REALSYN_CLIP_WEIGHTS", "/models/eva02-e-14-plus/open_clip_model.safetensors"),
+                    # the step profile says where its pod runs (k8s/step_profiles.yaml device): cuda, or cpu for the tagger
+                    "device": os.environ.get("REALSYN_DEVICE", "cuda"),
+                    "batch_size": 256,
+                    "fallback_model": None,
+                }
+            ),
             "generator": GenerationBackendResource(
                 name="vllm",
                 params={
                     "model": os.environ.get("REALSYN_VLLM_MODEL", "realsyn-fusion-llama3-8b"),
                     "base_url": os.environ.get("REALSYN_VLLM_URL", "http://vllm.realsyn.svc.cluster.local:8000"),
-                    "api_key_env": "REALSYN_VLLM_API_KEY",  # the name only: the key is read at request time, never kept in config
                     "max_concurrency": 64,
                 },
+                api_key=dg.EnvVar("REALSYN_VLLM_API_KEY"),  # unresolved: only the name is in definitions and the UI
             ),
+            "captioner": _production_captioner(),
             "perplexity": PerplexityScorerResource(
                 params={
-                    "model": os.environ.get("REALSYN_PPL_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-                    "device": "cuda",
+                    "model": os.environ.get("REALSYN_PPL_MODEL", "/models/smollm2-135m-instruct"),
+                    "device": os.environ.get("REALSYN_DEVICE", "cuda"),
                     "batch_size": 128,
                 }
             ),
@@ -195,5 +252,18 @@ def _environment_resources(env: str | None, input_uri: str | None, storage_root:
         "shard_source": ShardSourceResource(input_uri=input_uri),
         "embedder": EmbedderResource(),
         "generator": GenerationBackendResource(),
+        "captioner": CaptionerResource(),
         "perplexity": PerplexityScorerResource(),
     }
+
+
+def _production_captioner() -> CaptionerResource:
+    """A VLM behind vLLM when REALSYN_CAPTIONER_URL names one, else none (said in the synthetic_captions metadata)."""
+    url = os.environ.get("REALSYN_CAPTIONER_URL")
+    if not url:
+        return CaptionerResource()
+    return CaptionerResource(
+        name="vllm",
+        params={"base_url": url, "model": os.environ.get("REALSYN_CAPTIONER_MODEL", "realsyn-captioner"), "max_concurrency": 64},
+        api_key=dg.EnvVar("REALSYN_CAPTIONER_API_KEY"),
+    )

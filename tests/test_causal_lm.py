@@ -9,6 +9,7 @@ from realsyn.models.causal_lm import (  # noqa: E402
     MODEL_CACHE_ENV,
     SMOLLM2_GGUF_NAME,
     CausalLMLoadError,
+    CausalLMNotFoundError,
     convert_embedded_smollm2,
     embedded_smollm2_gguf,
     load_causal_lm,
@@ -52,21 +53,82 @@ def test_embedded_model_loads_generates_and_is_cached():
     assert again_tokenizer is tokenizer
 
 
-def test_missing_local_path_errors_clearly(tmp_path):
+def test_missing_local_path_errors_in_one_line_naming_model_path_and_setting(tmp_path):
+    from realsyn.models.paths import ModelNotFoundError
+
     missing = tmp_path / "no-such-model"
-    with pytest.raises(CausalLMLoadError, match="does not exist"):
-        load_causal_lm(str(missing), device="cpu")
+    with pytest.raises(CausalLMNotFoundError) as err:
+        load_causal_lm(str(missing), device="cpu", role="perplexity scorer", setting="perplexity.params.model")
+    assert isinstance(err.value, ModelNotFoundError) and isinstance(err.value, CausalLMLoadError)
+    assert str(err.value) == (
+        f"perplexity scorer: model directory '{missing}' does not exist; mount it there (production: the /models volume)"
+        " or set perplexity.params.model to a local directory"
+    )
 
 
-def test_local_dir_without_model_errors_clearly(tmp_path):
-    with pytest.raises(CausalLMLoadError, match="cannot load causal LM"):
+def test_local_dir_without_a_config_errors_in_one_line(tmp_path):
+    with pytest.raises(CausalLMNotFoundError) as err:
         load_causal_lm(str(tmp_path), device="cpu")
+    assert str(err.value) == (
+        f"causal LM: model file '{tmp_path / 'config.json'}' does not exist; mount it there (production: the /models volume)"
+        " or set params.model to a local file"
+    )
 
 
-def test_offline_hub_id_errors_clearly(monkeypatch, tmp_path):
+def test_local_dir_with_broken_weights_errors_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CausalLMLoadError, match="^causal LM: cannot load causal LM") as err:
+        load_causal_lm(str(tmp_path), device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_offline_hub_id_errors_in_one_line_before_any_download(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CausalLMLoadError, match="HF_HUB_OFFLINE=1"):
-        load_causal_lm("example-org/model-that-is-not-cached", device="cpu")
+    with pytest.raises(CausalLMLoadError) as err:
+        load_causal_lm("example-org/model-that-is-not-cached", device="cpu", role="fusion LLM", setting="generator.params.model")
+    assert str(err.value) == (
+        "fusion LLM: 'example-org/model-that-is-not-cached' is a hub id, HF_HUB_OFFLINE=1 is set and it is not in the local hub cache;"
+        " set generator.params.model to a local model directory (production: under /models)"
+    )
+
+
+def _save_small_random_llama(directory, tokenizer, seed=0):
+    """A 1-layer random-weight Llama with the embedded model's tokenizer, saved as a plain HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def test_a_model_saved_to_a_local_directory_loads_back_by_path(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    _, embedded_tokenizer = load_causal_lm(EMBEDDED_SMOLLM2, device="cpu")
+    saved = _save_small_random_llama(tmp_path / "tiny-llama", embedded_tokenizer)
+    model, tokenizer = load_causal_lm(str(tmp_path / "tiny-llama"), device="cpu")
+    assert model is not saved and model.config.num_hidden_layers == 1 and model.config.hidden_size == 16
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    ids = tokenizer(["a red boat on a lake"], return_tensors="pt")["input_ids"]
+    assert ids.tolist() == embedded_tokenizer(["a red boat on a lake"], return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, saved(ids).logits)
+    assert load_causal_lm(str(tmp_path / "tiny-llama"), device="cpu")[0] is model  # cached per process
 
 
 def test_unknown_embedded_name_and_resolution(monkeypatch):
@@ -76,6 +138,7 @@ def test_unknown_embedded_name_and_resolution(monkeypatch):
     directory, gguf = resolve_model_source(EMBEDDED_SMOLLM2)
     assert gguf == SMOLLM2_GGUF_NAME
     assert os.path.join(directory, gguf) == embedded_smollm2_gguf()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, a hub id passes through to transformers
     assert resolve_model_source("meta-llama/Meta-Llama-3-8B-Instruct") == ("meta-llama/Meta-Llama-3-8B-Instruct", None)
 
 

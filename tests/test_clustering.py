@@ -253,6 +253,48 @@ def test_every_row_is_assigned_to_its_brute_force_nearest_centroid():
     np.testing.assert_allclose(scores[:, 0], sims.max(axis=1), rtol=1e-5, atol=1e-5)
 
 
+def _two_scale_centroids(n_groups: int, per_group: int, dim: int, seed: int) -> np.ndarray:
+    """Unit centroids in well-separated groups: group directions orthogonal, members close to theirs."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.eye(dim, dtype=np.float32)[:n_groups], per_group, axis=0)
+    cents = groups + 0.1 * rng.standard_normal(groups.shape).astype(np.float32)
+    return cents / np.linalg.norm(cents, axis=1, keepdims=True)
+
+
+def test_cells_search_equals_the_exact_scan_on_well_separated_centroids():
+    cents = _two_scale_centroids(16, 16, 32, seed=3)
+    rng = np.random.default_rng(4)
+    queries = cents[rng.integers(0, len(cents), 3000)] + 0.05 * rng.standard_normal((3000, 32)).astype(np.float32)
+    exact = CentroidIndex(cents, use_gpu="never")
+    cells = CentroidIndex(cents, exact_up_to=0, probe_cells=2, use_gpu="never")
+    assert exact.mode == "exact" and cells.mode == "cells"
+    assert len(cells.cell_centres) <= 16 and cells.cell_offsets[-1] == 256  # round(sqrt(256)) cells, every centroid in one
+    assert sorted(cells.cell_order.tolist()) == list(range(256))
+    for n in (1, 3):
+        want_ids, want_scores = exact.search(queries, n)
+        ids, scores = cells.search(queries, n)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+    # more neighbours than the probed cells hold (here all 256): the rows fall back to the exact scan
+    want_ids, _ = exact.search(queries[:50], 256)
+    np.testing.assert_array_equal(cells.search(queries[:50], 256)[0], want_ids)
+    # small batches take the same path batch by batch
+    cells.cells_batch = 7
+    np.testing.assert_array_equal(cells.search(queries[:100], 1)[0], exact.search(queries[:100], 1)[0])
+    with pytest.raises(ValueError):
+        CentroidIndex(cents, probe_cells=0)
+
+
+def test_cells_search_breaks_ties_by_the_lower_centroid_id():
+    cents = np.repeat(np.eye(4, dtype=np.float32), 5, axis=0)  # five copies of each axis: ties everywhere
+    ids, scores = CentroidIndex(cents, exact_up_to=0, probe_cells=4, use_gpu="never").search(np.eye(4, dtype=np.float32), 3)
+    np.testing.assert_array_equal(ids, [[0, 1, 2], [5, 6, 7], [10, 11, 12], [15, 16, 17]])
+    np.testing.assert_array_equal(scores, np.ones((4, 3), np.float32))
+    # the exact scan's one-neighbour path (argmax) keeps the same rule
+    ids, _ = CentroidIndex(cents, use_gpu="never").search(np.eye(4, dtype=np.float32), 1)
+    np.testing.assert_array_equal(ids[:, 0], [0, 5, 10, 15])
+
+
 def test_assign_returns_nearest_centroids_best_first():
     centroids = np.eye(3, dtype=np.float32)
     emb = np.array([[0.1, 0.9, 0.3], [0.8, 0.0, 0.6], [0.0, 0.2, 1.0]], dtype=np.float32)

@@ -396,9 +396,37 @@ def test_mih_chunks_cost_model():
 
 def test_auto_index_factory():
     assert auto_index_factory(0) == auto_index_factory(49_999) == "Flat"
-    assert auto_index_factory(50_000) == "IVF894,SQ8"
-    assert auto_index_factory(10**6) == "IVF4000,SQ8"
-    assert auto_index_factory(10**8) == "IVF40000,SQ8"
+    # lists of a constant ~256 vectors, HNSW over the list centroids
+    assert auto_index_factory(50_000) == "IVF195_HNSW32,SQ8"
+    assert auto_index_factory(10**6) == "IVF3906_HNSW32,SQ8"
+    assert auto_index_factory(4 * 10**6) == "IVF15625_HNSW32,SQ8"
+    assert auto_index_factory(10**9) == "IVF1048576_HNSW32,SQ8"  # capped: longer lists beyond 268M vectors
+
+
+def test_hnsw_quantizer_ivf_trains_two_level_and_finds_the_brute_force_pairs():
+    x, threshold = _planted_vectors(), 0.9
+    want = _brute_semantic(x, threshold)
+    index = SemanticIndex(16, threshold, index_factory="IVF8_HNSW32,SQ8", use_gpu="never", nprobe=8)
+    assert index.approximate and index.nlist == 8 and index.train_size == 10_000
+    quantizer = index._hnsw_quantizer
+    assert quantizer is not None and quantizer.hnsw.efSearch == 64 and quantizer.ntotal == 0
+    index.train(x)
+    # the coarse centroids came from two-level K-means: 8 unit vectors in the HNSW graph
+    assert quantizer.ntotal == 8
+    centroids = quantizer.reconstruct_n(0, 8)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    index.add(x)
+    pairs = index.edges(x, 0)
+    # every list probed (nprobe = nlist): the candidates hold every true pair, verification keeps exactly them
+    assert pairs[rowwise_dot(x[pairs[:, 0]], x[pairs[:, 1]]) >= np.float32(threshold)].tolist() == want
+    too_few = SemanticIndex(16, threshold, index_factory="IVF400_HNSW32,SQ8", use_gpu="never")
+    assert too_few.train_size == 12_800  # 32 points per list
+    with pytest.raises(ValueError, match="at least 400 training rows"):
+        too_few.train(x)
+    large = SemanticIndex(16, threshold, index_factory="IVF100000_HNSW32,SQ8", use_gpu="never")
+    assert large.train_size == 262_144  # capped: the training reservoir does not grow with N ...
+    huge = SemanticIndex(16, threshold, index_factory="IVF200000_HNSW32,SQ8", use_gpu="never")
+    assert huge.train_size == 400_000  # ... but holds at least 2 rows per list
 
 
 def test_sq8_candidates_cover_the_exact_edges_and_verify_to_them():

@@ -135,6 +135,9 @@ def test_ivf_sq8_semantic_edges_are_verified_exactly_across_shards(tmp_path):
     flat_decisions = [_decisions(storage, s) for s in "abc"]
     sq8 = dedup_images(storage, ["a", "b", "c"], perceptual_max_distance=None, index_factory="IVF4,SQ8", nprobe=4)
     assert [_decisions(storage, s) for s in "abc"] == flat_decisions
+    hnsw = dedup_images(storage, ["a", "b", "c"], perceptual_max_distance=None, index_factory="IVF4_HNSW32,SQ8", nprobe=4)
+    assert [_decisions(storage, s) for s in "abc"] == flat_decisions
+    assert hnsw.as_dict()["semantic_edges"] == 2 and hnsw.as_dict()["semantic_candidates"] == 4
     # the larger image (more pixels: the later id here) represents each pair
     assert flat_decisions[0]["i0"] == (False, "i1", "semantic_duplicate") and flat_decisions[0]["i2"] == (
         False,

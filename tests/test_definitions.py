@@ -42,8 +42,12 @@ def test_definitions_load_with_required_assets_and_lineage():
     k8s = emb.op.tags["dagster-k8s/config"]
     k8s = json.loads(k8s) if isinstance(k8s, str) else k8s
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    jobs = ("prepare_shards", "dedup_and_cluster", "caption_shards", "sample_splits", "export_shards", "publish_export")
+    jobs = ("prepare_shards", "dedup_and_cluster", "caption_shards", "sample_splits", "export_shards", "publish_export", "evaluate_splits")
     assert [j.name for j in JOBS_IN_ORDER] == list(jobs) and all(defs.resolve_job_def(j) for j in jobs)
+    # the evaluation of a split runs per published split, after the publish
+    evaluations = graph.get(dg.AssetKey("evaluations"))
+    assert evaluations.partitions_def.name == "splits" and {k.to_user_string() for k in evaluations.parent_keys} == {"exported_splits"}
+    assert defs.resolve_job_def("evaluate_splits").partitions_def.name == "splits"
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert {"sentence_clusters_are_usable", "sampled_splits_respect_caps", "exported_splits_match_sizes"} <= checks
 

@@ -118,10 +118,63 @@ def test_load_weights_by_local_path_matches_saved_model(tmp_path):
     assert np.abs(random_tiny.embed_texts(TEXTS) - want_txt).max() > 1e-3
 
 
-def test_missing_local_path_raises_without_fallback(tmp_path):
+def test_missing_local_path_without_fallback_fails_in_one_line(tmp_path):
+    from realsyn.models.paths import ModelNotFoundError
+
     emb = OpenClipEmbedder("RealSyn-Tiny", pretrained=str(tmp_path / "nope.pt"), fallback_model=None, device="cpu")
-    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+    with pytest.raises(ModelNotFoundError) as err:
         emb.embed_texts(TEXTS)
+    assert str(err.value) == (
+        f"CLIP embedder RealSyn-Tiny: model file '{tmp_path / 'nope.pt'}' does not exist; mount it there"
+        " (production: the /models volume) or set embedder.params.pretrained to a local file"
+    )
+    # a model directory without its weight file names the file it looked for
+    (tmp_path / "eva").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"model file '.*/eva/open_clip_model\.safetensors' does not exist"):
+        OpenClipEmbedder("RealSyn-Tiny", pretrained=str(tmp_path / "eva"), fallback_model=None, device="cpu").embed_texts(TEXTS)
+
+
+def test_weights_in_a_model_directory_load_by_path(tmp_path):
+    import shutil
+
+    saved, path = _tiny_state_dict_file(tmp_path, seed=321)
+    (tmp_path / "tiny-dir").mkdir()
+    shutil.copy(path, tmp_path / "tiny-dir" / "open_clip_pytorch_model.bin")
+    by_file = OpenClipEmbedder("RealSyn-Tiny", pretrained=str(path), fallback_model=None, device="cpu")
+    by_dir = OpenClipEmbedder("RealSyn-Tiny", pretrained=str(tmp_path / "tiny-dir"), fallback_model=None, device="cpu")
+    assert by_dir.random_weights is False and by_dir.model_id == "RealSyn-Tiny/open_clip_pytorch_model.bin"
+    np.testing.assert_array_equal(by_dir.embed_texts(TEXTS), by_file.embed_texts(TEXTS))
+
+
+def test_production_embedder_is_a_local_file_with_no_fallback(monkeypatch, tmp_path):
+    from realsyn.models.paths import ModelNotFoundError
+    from resources import build_resources
+
+    monkeypatch.delenv("REALSYN_CLIP_WEIGHTS", raising=False)
+    params = build_resources("production", input_uri="s3://b/in", storage_root="s3://b/out")["embedder"].params
+    assert params["pretrained"] == "/models/eva02-e-14-plus/open_clip_model.safetensors" and params["fallback_model"] is None
+    monkeypatch.setenv("REALSYN_CLIP_WEIGHTS", str(tmp_path / "missing.safetensors"))
+    embedder = build_resources("production", input_uri="s3://b/in", storage_root="s3://b/out")["embedder"]
+    with pytest.raises(ModelNotFoundError, match="^CLIP embedder EVA02-E-14-plus: model file .*missing.safetensors' does not exist"):
+        OpenClipEmbedder(**{**embedder.resolved_params(), "device": "cpu"}).embed_texts(TEXTS)
+
+
+def test_tagger_vocabulary_from_a_local_file_or_one_line_error(tmp_path):
+    from realsyn.generation.tagging import ClipVocabularyTagger, load_default_vocabulary
+    from realsyn.models.paths import ModelNotFoundError
+
+    vocab = tmp_path / "tags.txt"
+    vocab.write_text("# RAM++-style list\nDog\ncat\n\ndog\nred boat\n", encoding="utf-8")
+    assert ClipVocabularyTagger(vocabulary_path=str(vocab), extra_tags=["lake"]).vocabulary == ["dog", "cat", "red boat", "lake"]
+    assert ClipVocabularyTagger().vocabulary == load_default_vocabulary()  # the list shipped in the package
+    with pytest.raises(ModelNotFoundError) as err:
+        ClipVocabularyTagger(vocabulary_path=str(tmp_path / "ram_tags.txt"))
+    assert str(err.value) == (
+        f"tagger vocabulary: model file '{tmp_path / 'ram_tags.txt'}' does not exist; mount it there (production: the /models volume)"
+        " or set tagger.params.vocabulary_path to a local file"
+    )
+    with pytest.raises(ValueError, match="not both"):
+        ClipVocabularyTagger(vocabulary=["dog"], vocabulary_path=str(vocab))
 
 
 def test_missing_local_path_falls_back_when_configured(tmp_path, caplog):
@@ -132,10 +185,15 @@ def test_missing_local_path_falls_back_when_configured(tmp_path, caplog):
     assert emb.random_weights is True
 
 
-def test_unknown_tag_falls_back_or_raises():
+def test_unknown_or_offline_tag_falls_back_or_raises_in_one_line():
     assert OpenClipEmbedder("RealSyn-Tiny", pretrained="no_such_tag", device="cpu").random_weights is True
-    with pytest.raises(WeightsUnavailableError, match="neither a weights file nor a known tag"):
+    with pytest.raises(WeightsUnavailableError, match="neither a weights file nor a known tag") as err:
         _ = OpenClipEmbedder("ViT-B-32", pretrained="no_such_tag", fallback_model=None, device="cpu").dim
+    assert str(err.value).startswith("CLIP embedder ViT-B-32: weights 'no_such_tag' unavailable (")
+    assert str(err.value).endswith("set embedder.params.pretrained to a local weights file (production: under /models)")
+    with pytest.raises(WeightsUnavailableError, match="^CLIP embedder EVA02-E-14-plus: weights 'laion2b_s9b_b144k' unavailable") as err:
+        _ = OpenClipEmbedder(fallback_model=None, device="cpu").dim  # a hub tag under HF_HUB_OFFLINE=1
+    assert "\n" not in str(err.value)
 
 
 def test_bad_rows_become_zero_vectors_and_are_counted():

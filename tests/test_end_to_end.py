@@ -178,8 +178,10 @@ def _check_outputs(storage: Storage, shards, planted):
             assert min(image.size) >= 100 and txt.strip() and len(meta["real_texts"]) == 3 and meta["synthetic_texts"] == [txt]
 
 
-def _run(input_uri, storage_root, tmp_path, instance):
-    report = run_graph(input_uri, storage_root, config_path=_config(str(tmp_path)), env="local", instance=instance, log=lambda *_: None)
+def _run(input_uri, storage_root, tmp_path, instance, force=False):
+    report = run_graph(
+        input_uri, storage_root, config_path=_config(str(tmp_path)), env="local", instance=instance, log=lambda *_: None, force=force
+    )
     assert report.success, [str(f) for f in report.failures]
     return report
 
@@ -211,8 +213,15 @@ def test_whole_graph_locally_and_rerun_is_idempotent(tmp_path, monkeypatch):
         assert records and records[0].status.value == "SUCCEEDED", check
     first = {s: storage.reader("sampled_splits").read_parquet(f"cap3/{s}.parquet").column("image_id").to_pylist() for s in shards}
 
-    # a rerun replaces every partition cleanly and regenerates no caption (cache by image and prompt)
-    _run(str(corpus), str(tmp_path / "store"), tmp_path, instance)
+    # a rerun with nothing changed runs nothing: every partition is fresh
+    generations = {s: storage.reader("synthetic_captions", s).generation for s in shards}
+    again = _run(str(corpus), str(tmp_path / "store"), tmp_path, instance)
+    assert again.runs == 0 and again.ran == {} and again.fresh_runs > 0
+    assert {s: storage.reader("synthetic_captions", s).generation for s in shards} == generations
+    assert len(glob.glob(str(tmp_path / "store" / "retrievals" / "_global" / "g-*"))) == 1
+
+    # a forced rerun replaces every partition cleanly and regenerates no caption (cache by image and prompt)
+    _run(str(corpus), str(tmp_path / "store"), tmp_path, instance, force=True)
     caps = instance.fetch_materializations(dg.AssetKey("synthetic_captions"), limit=20).records
     latest = caps[: len(shards)]
     assert sum(r.asset_materialization.metadata["generated"].value for r in latest) == 0

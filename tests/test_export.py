@@ -65,10 +65,13 @@ def test_webdataset_round_trip(tmp_path):
     stats = StepStats("export")
     sizes = _write(tmp_path, samples, stats=stats)
     assert sizes == {"train-000000.tar": 2, "train-000001.tar": 2, "train-000002.tar": 1}
-    assert stats.counts["samples_written"] == 5 and stats.counts["reencoded_jpeg"] == 2
+    # one extension for every sample: png, webp, bmp and tiff re-encoded as JPEG (the lossy re-encoding, counted)
+    assert stats.counts["samples_written"] == 5 and stats.counts["reencoded_images"] == 4 and stats.counts["reencoded_lossy"] == 4
     urls = [str(tmp_path / name) for name in sizes]
-    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg;png;webp", "txt", "json")
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
     got = list(ds)
+    reals = list(wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("real0.txt", "real1.txt", "real2.txt"))
+    assert reals[3] == ("real text 3 a", "real text 3 b", "")  # every sample has 3 real members: empty where fewer
     assert [g[0] for g in got] == [s["key"] for s in samples]
     for (_key, image, txt, meta), sample in zip(got, samples):
         assert image.size == (meta["width"], meta["height"]) == (sample["json"]["width"], sample["json"]["height"])
@@ -97,12 +100,31 @@ def test_member_layout_and_reencoding(tmp_path):
         names = [m.name for m in members]
         assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
         exts = {n.split(".", 1)[0]: n.split(".", 1)[1] for n in names if not n.endswith((".txt", ".json"))}
-        assert [exts[s["key"]] for s in samples] == ["jpg", "png", "webp", "jpg", "jpg"]
-        assert names[:3] == [f"{samples[0]['key']}.jpg", f"{samples[0]['key']}.json", f"{samples[0]['key']}.txt"]
+        assert [exts[s["key"]] for s in samples] == ["jpg"] * 5
+        key = samples[0]["key"]
+        assert names[:6] == [f"{key}.jpg", f"{key}.json", f"{key}.real0.txt", f"{key}.real1.txt", f"{key}.real2.txt", f"{key}.txt"]
+        assert len(names) == 6 * 5
         bmp_member = tar.extractfile(f"{samples[3]['key']}.jpg").read()
         jpeg_member = tar.extractfile(f"{samples[0]['key']}.jpg").read()
     assert Image.open(io.BytesIO(bmp_member)).format == "JPEG"
     assert jpeg_member == samples[0]["image_bytes"]  # passed through untouched
+
+
+@pytest.mark.parametrize("target", ["png", "webp"])
+def test_lossless_targets_keep_every_pixel(tmp_path, target):
+    samples = _samples()
+    stats = StepStats("export")
+    sizes = write_webdataset(samples, lambda name: open(tmp_path / name, "wb"), samples_per_shard=10, stats=stats, image_format=target)
+    assert sizes == {"train-000000.tar": 5}
+    assert stats.counts["reencoded_images"] == 4 and "reencoded_lossy" not in stats.counts
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        images = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith("." + target)}
+    assert len(images) == 5
+    for sample in samples:
+        got = Image.open(io.BytesIO(images[sample["key"]]))
+        assert got.format == target.upper()
+        want = np.asarray(Image.open(io.BytesIO(sample["image_bytes"])).convert("RGB"))
+        assert np.array_equal(np.asarray(got.convert("RGB")), want)  # the decoded pixels, exactly
 
 
 def test_rewrite_is_byte_identical(tmp_path):
@@ -133,7 +155,7 @@ def test_transparent_image_is_flattened_on_white(tmp_path):
     rgba.save(buf, format="TIFF")
     sample = make_sample("t", buf.getvalue(), "tiff", ["a real text"], [0.3], [], 20, 10, "d")
     table = samples_to_parquet_table([sample])
-    decoded = np.asarray(Image.open(io.BytesIO(table.column("image_bytes")[0].as_py())))
+    decoded = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py()["bytes"])))
     assert decoded.shape == (10, 20, 3) and decoded.min() > 245
 
 
@@ -144,13 +166,14 @@ def test_parquet_table(tmp_path):
     back = pq.read_table(tmp_path / "split.parquet")
     assert back.num_rows == 5
     assert back.schema.field("real_texts").type == pa.list_(pa.string())
-    assert back.column("image_format").to_pylist() == ["jpeg", "png", "webp", "jpeg", "jpeg"]
+    assert back.column("image_format").to_pylist() == ["jpeg"] * 5
+    assert back.column("image").to_pylist()[1]["path"] == samples[1]["key"] + ".jpg"
     assert back.column("real_texts").to_pylist()[2] == ["real text 2 a", "real text 2 b"]
     assert back.column("synthetic_texts").to_pylist()[1] == []
     assert back.column("txt").to_pylist()[1] == "real text 1 a"
     assert back.column("real_scores").to_pylist()[0] == [pytest.approx(0.5), 0.25]
     for row in back.to_pylist():
-        assert Image.open(io.BytesIO(row["image_bytes"])).size == (row["width"], row["height"])
+        assert Image.open(io.BytesIO(row["image"]["bytes"])).size == (row["width"], row["height"])
     assert back.column("doc_id").to_pylist()[0] == "doc.0"
 
 
@@ -278,9 +301,9 @@ def _rows(table: pa.Table) -> list[dict]:
     return [dict(r, real_scores=[repr(x) for x in r["real_scores"]]) for r in table.to_pylist()]
 
 
-def _export(images, retrievals, captions, selections, batch_rows):
+def _export(images, retrievals, captions, selections, batch_rows, **fmt):
     """ShardSamples over ``images`` in batches of ``batch_rows``: {split: (sizes, tars, parquet bytes, stats)}."""
-    samples = ShardSamples("s1", images.column("image_id"), retrievals, captions, selections)
+    samples = ShardSamples("s1", images.column("image_id"), retrievals, captions, selections, **fmt)
     files: dict = {}
     outputs = {
         split: SplitOutput(
@@ -299,7 +322,7 @@ def _export(images, retrievals, captions, selections, batch_rows):
     }
 
 
-def _reference(images, retrievals, captions, split, chosen):
+def _reference(images, retrievals, captions, split, chosen, **fmt):
     """The same split through make_sample + write_webdataset / samples_to_parquet_table: (sizes, tars, table, stats)."""
     files, stats = {}, StepStats("old")
     ref = list(reference_samples("s1", images, retrievals, captions, chosen))
@@ -310,27 +333,33 @@ def _reference(images, retrievals, captions, split, chosen):
         shard_pattern="{split}-s1-{index:06d}.tar",
         split=split,
         stats=stats,
+        **fmt,
     )
-    return sizes, files, samples_to_parquet_table(ref), stats
+    return sizes, files, samples_to_parquet_table(ref, image_format=fmt.get("image_format", "jpg")), stats
 
 
-@pytest.mark.parametrize("ordered, batch_rows", [(True, 7), (True, 1000), (False, 1000)])
-def test_shard_samples_write_the_reference_samples_byte_for_byte(ordered, batch_rows):
+@pytest.mark.parametrize(
+    "ordered, batch_rows, fmt", [(True, 7, {}), (True, 1000, {"image_format": "png", "real_text_members": 2}), (False, 1000, {})]
+)
+def test_shard_samples_write_the_reference_samples_byte_for_byte(ordered, batch_rows, fmt):
     images, retrievals, captions = _shard_tables("s1", 60, seed=1)
     ids = images.column("image_id").to_pylist()
     rng = np.random.default_rng(0)
     big = rng.permutation(60)[:45]
     selections = {"big": [ids[i] for i in (np.sort(big) if ordered else big)], "small": [ids[i] for i in range(0, 60, 4)], "none": []}
-    got = _export(images, retrievals, captions, {k: pa.array(v, pa.string()) for k, v in selections.items()}, batch_rows)
+    got = _export(images, retrievals, captions, {k: pa.array(v, pa.string()) for k, v in selections.items()}, batch_rows, **fmt)
     for split, chosen in selections.items():
         sizes, tars, parquet, stats = got[split]
-        want_sizes, want_tars, want_table, want_stats = _reference(images, retrievals, captions, split, chosen)
+        want_sizes, want_tars, want_table, want_stats = _reference(images, retrievals, captions, split, chosen, **fmt)
         assert sizes == want_sizes and tars == want_tars  # whole tars identical, byte for byte
         assert stats.counts == want_stats.counts
         if split == "big":
             assert len(sizes) == 10 and sum(sizes.values()) == 38
             assert want_stats.dropped == {"missing_image": 2, "missing_txt": 2, "undecodable_image": 3}
-            assert want_stats.counts["reencoded_jpeg"] == 8
+            # jpg: the 23 PNG, WebP and BMP samples re-encoded (lossy); png: all but the 8 PNG ones (lossless)
+            png = fmt.get("image_format") == "png"
+            assert want_stats.counts["reencoded_images"] == (30 if png else 23)
+            assert want_stats.counts["reencoded_lossy"] == (0 if png else 23)
         if chosen:
             table = pq.read_table(io.BytesIO(parquet))
             assert table.schema == PARQUET_SCHEMA and _rows(table) == _rows(want_table)
@@ -402,7 +431,7 @@ def _split_members(reader, split: str) -> list[tuple[str, bytes]]:
     out = []
     for name, n in sizes.items():
         members = _members(reader.read_bytes(f"{split}/{name}"))
-        assert len(members) == 3 * n
+        assert len(members) == 6 * n  # image, json, real0..2.txt, txt
         out += members
     return out
 
@@ -433,7 +462,13 @@ def test_per_shard_export_and_publish_match_the_old_single_process_export(tmp_pa
             if old_reader.has(name):
                 assert _rows(new_reader.read_parquet(name)) == _rows(old_reader.read_parquet(name))
         assert new_reader.read_bytes(f"{split}/train_data.txt").decode() == "::".join(new_reader.uri(f"{split}/{n}") for n in sizes)
-        tar_counts = ("tar_shards", "source_shards", "shards_written")  # tars are cut per shard now, across shards before
+        tar_counts = (
+            "tar_shards",
+            "source_shards",
+            "shards_written",
+            "published_version",
+            "new_version",
+        )  # tars are cut per shard now, across shards before
         assert {k: v for k, v in published[split].counts.items() if k not in tar_counts} == {
             k: v for k, v in old[split].counts.items() if k not in tar_counts
         }

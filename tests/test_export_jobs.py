@@ -15,6 +15,7 @@ def test_export_runs_per_shard_between_sampling_and_publish():
         "sample_splits",
         "export_shards",
         "publish_export",
+        "evaluate_splits",
     ]
     assert PARTITIONED_JOBS == {"prepare_shards", "caption_shards", "export_shards"}
     defs = build_definitions("local", input_uri="/tmp/in", storage_root="/tmp/out")
@@ -44,3 +45,17 @@ def test_samples_per_shard_on_the_publish_step_is_refused_with_where_it_went():
         _validate_step_configs(defs, {"exported_splits": {"samples_per_shard": 8}}, "run.yaml")
     _validate_step_configs(defs, {"exported_shards": {"samples_per_shard": 8}}, "run.yaml")
     assert PublishConfig().samples_per_shard is None
+
+
+def test_export_config_defaults_and_refusals():
+    from assets.configs import ExportConfig
+    from assets.runner import _validate_step_configs
+
+    config = ExportConfig()
+    assert (config.samples_per_shard, config.image_format, config.real_text_members, config.jpeg_quality) == (10_000, "jpg", 3, 95)
+    defs = build_definitions("local", input_uri="/tmp/in", storage_root="/tmp/out")
+    with pytest.raises(ValueError, match="assets.exported_shards: image_format: .*must be jpg, png or webp, got 'gif'"):
+        _validate_step_configs(defs, {"exported_shards": {"image_format": "gif"}}, "run.yaml")
+    with pytest.raises(ValueError, match="assets.exported_shards: real_text_members"):
+        _validate_step_configs(defs, {"exported_shards": {"real_text_members": -1}}, "run.yaml")
+    _validate_step_configs(defs, {"exported_shards": {"image_format": "webp", "real_text_members": 5}}, "run.yaml")

@@ -8,7 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from realsyn.generation.base import clean_caption  # noqa: E402
 from realsyn.generation.cache import CACHE_SCHEMA, CaptionCache, generate_with_cache  # noqa: E402
-from realsyn.generation.prompts import DEFAULT_FUSION_INSTRUCTION, build_fusion_messages, prompt_sha  # noqa: E402
+from realsyn.generation.prompts import (  # noqa: E402
+    DEFAULT_CONCISE_CAPTION_PROMPT,
+    DEFAULT_FUSION_INSTRUCTION,
+    build_fusion_messages,
+    prompt_sha,
+)
 from realsyn.generation.tagging import (  # noqa: E402
     ClipVocabularyTagger,
     load_default_vocabulary,
@@ -57,6 +62,20 @@ def test_prompt_sha_is_stable_and_sensitive():
     assert prompt_sha(build_fusion_messages(["A blue car."], tags=["car"]), "model-a", {"max_new_tokens": 48, "temperature": 0}) != sha
     with pytest.raises(TypeError):
         prompt_sha(m, "model-a", {"x": object()})
+
+
+def test_a_concise_caption_changes_the_prompt_and_its_absence_does_not():
+    """No captioner (or a failed caption) gives the very prompt of a run without one, so its cached fusion is reused."""
+    texts, tags, params = ["A red car parked on a street."], ["car"], {"max_new_tokens": 48, "temperature": 0}
+    without = build_fusion_messages(texts, None, tags)
+    assert build_fusion_messages(texts, "", tags) == build_fusion_messages(texts, " \n", tags) == without
+    with_caption = build_fusion_messages(texts, "a red  car", tags)
+    assert (
+        with_caption[1]["content"]
+        == "Retrieved real texts:\n1. A red car parked on a street.\n\nConcise caption: a red car\n\nTags: car\n\nCaption:"
+    )
+    assert prompt_sha(with_caption, "m", params) != prompt_sha(without, "m", params)
+    assert "one short, factual sentence" in DEFAULT_CONCISE_CAPTION_PROMPT
 
 
 # ---------------------------------------------------------------- clean_caption
@@ -280,15 +299,15 @@ def test_generate_captions_appends_only_new_captions_and_retries_empty_ones(tmp_
     stats = generate_captions(storage, "s1", CountingBackend(empty_for="nothing useful"), batch_size=2)
     assert (stats.counts["generated"], stats.counts["cached"]) == (20, 0)
     store = CaptionCacheStore(storage, "s1")
-    assert store.parts() == [0, 1, 2]  # one part per batch of 8 prompts, none rewritten
+    assert store.parts() == list(range(10))  # one part per batch_size (2) completions, none rewritten
     sizes = [pq.read_table(pa.BufferReader(storage.read_file(store.part_rel(n)))).num_rows for n in store.parts()]
-    assert sizes == [7, 8, 4]  # the empty caption (img5, first batch) is not cached
+    assert sizes == [2, 2, 1] + [2] * 7  # the empty caption (img5, third batch) is not cached
     backend = CountingBackend()
     stats = generate_captions(storage, "s1", backend, batch_size=2)
     assert (stats.counts["generated"], stats.counts["cached"]) == (1, 19) and backend.batches == [1]  # only the empty one again
-    assert store.parts() == [0, 1, 2, 3]
+    assert store.parts() == list(range(11))
     stats = generate_captions(storage, "s1", CountingBackend(), batch_size=2)
-    assert (stats.counts["generated"], stats.counts["cached"]) == (0, 20) and store.parts() == [0, 1, 2, 3]
+    assert (stats.counts["generated"], stats.counts["cached"]) == (0, 20) and store.parts() == list(range(11))
 
 
 # ---------------------------------------------------------------- tagging

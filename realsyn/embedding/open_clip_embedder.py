@@ -1,9 +1,13 @@
 """CLIP image and text embeddings with open_clip, L2-normalised, one cached model per process.
 
 Weights are resolved *before* the model is built: building EVA02-E-14-plus only to find that its
-weights cannot be had would allocate billions of random parameters. When weights are unobtainable
-(no network, HF_HUB_OFFLINE=1, missing file) a small random-weight fallback model is built instead,
-seeded so that its embeddings are deterministic, and a warning is logged.
+weights cannot be had would allocate billions of random parameters.
+
+Production names a local weights file (``pretrained: /models/...``) and no fallback: a missing file
+fails with one line (``ModelNotFoundError``: model, path, how to provide it). The embedded test/demo
+default is different on purpose: when weights are unobtainable (no network, HF_HUB_OFFLINE=1,
+missing file) it builds ``fallback_model``, the small random-weight RealSyn-Tiny, seeded so that its
+embeddings are deterministic, and logs a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from realsyn.models.paths import ModelNotFoundError
 from realsyn.plugins.kinds import Embedder
 from realsyn.runtime import hub_offline, l2_normalize, resolve_device
 from realsyn.stats import StepStats
@@ -26,6 +31,8 @@ logger = logging.getLogger("realsyn")
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+# the weight files of an open_clip model directory (hf-hub layout), preferred first
+_DIRECTORY_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 _CACHE: dict[tuple, _LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
@@ -33,7 +40,10 @@ _CONFIGS_REGISTERED = False
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights cannot be had and no fallback model is configured."""
+    """Pretrained weights (a tag) cannot be had and no fallback model is configured; one line."""
+
+
+_PRETRAINED_SETTING = "embedder.params.pretrained"
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,8 @@ def _resolve_weights(model_name: str, pretrained: str, cache_dir: str | None) ->
 
     if _looks_like_path(pretrained):
         path = Path(pretrained).expanduser()
+        if path.is_dir():  # a model directory as the hub lays it out
+            path = next((path / n for n in _DIRECTORY_WEIGHT_FILES if (path / n).is_file()), path / _DIRECTORY_WEIGHT_FILES[0])
         if not path.is_file():
             return None, f"weights file {str(path)!r} does not exist"
         return _ResolvedWeights(str(path), path.name, {}, False), ""
@@ -204,7 +216,14 @@ class OpenClipEmbedder(Embedder):
             logger.info("loaded CLIP model %s on %s", loaded.model_id, device)
             return loaded
         if self.fallback_model is None:
-            raise WeightsUnavailableError(f"CLIP weights unavailable and no fallback_model configured: {why}")
+            if _looks_like_path(self.pretrained):
+                path = Path(self.pretrained).expanduser()
+                path = path / _DIRECTORY_WEIGHT_FILES[0] if path.is_dir() else path  # a directory: name the file it lacks
+                raise ModelNotFoundError(f"CLIP embedder {self.model_name}", path, _PRETRAINED_SETTING, "file")
+            raise WeightsUnavailableError(
+                f"CLIP embedder {self.model_name}: weights {self.pretrained!r} unavailable ({' '.join(why.split())}) and no fallback_model;"
+                f" set {_PRETRAINED_SETTING} to a local weights file (production: under /models)"
+            )
         logger.warning(
             "CLIP weights %s/%s unavailable (%s); using %s with RANDOM weights (seed %d): "
             "embeddings are deterministic but not semantically meaningful",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -175,6 +175,20 @@ class CaptionCacheStore:
         self._next += 1
 
 
+class CaptionShardError(RuntimeError):
+    """Generation of one shard's captions failed after the backend's retries; finished captions are cached.
+
+    The message is one line: the shard, how many captions are cached and how many are missing, and the cause.
+    """
+
+    def __init__(self, shard: str, n_done: int, n_todo: int, cause: BaseException):
+        super().__init__(
+            f"caption shard {shard!r}: {n_done} of {n_todo} new captions generated and cached before the generation backend failed"
+            f" ({n_todo - n_done} left; a rerun generates only those): {type(cause).__name__}: {cause}"
+        )
+        self.shard, self.n_done, self.n_todo, self.cause = shard, n_done, n_todo, cause
+
+
 def generate_with_cache(
     items: Sequence[tuple[str, list[dict]]],
     backend: Any,
@@ -182,12 +196,21 @@ def generate_with_cache(
     model_id: str | None,
     params: Mapping[str, Any],
     batch_size: int = 8,
+    *,
+    on_batch: Callable[[], Any] | None = None,
+    shard: str | None = None,
 ) -> tuple[list[str], int, int]:
     """Captions for (image_id, messages) items, generating only those the cache lacks.
 
     ``params`` holds ``max_new_tokens`` and ``temperature`` (and anything else that changes the
     output; all of it enters the prompt hash). Empty outputs are returned but not cached, so a
     rerun tries them again. Returns (captions in item order, n_cached, n_generated).
+
+    A backend with ``generate_as_completed`` (the vLLM client) gets every missing prompt at once and
+    keeps its own number of requests in flight; ``batch_size`` is then only how often ``on_batch``
+    (persist the cache) is called, every ``batch_size`` completions. Other backends get
+    ``batch_size`` prompts per ``generate`` call. With ``shard`` set, a failure is raised as
+    ``CaptionShardError`` naming the shard (after the finished captions are put in the cache).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -203,22 +226,43 @@ def generate_with_cache(
         if captions[i] is None:
             todo.setdefault((image_id, sha), []).append(i)
     keys = list(todo)
-    for start in range(0, len(keys), batch_size):
-        chunk = keys[start : start + batch_size]
-        try:
-            outputs = backend.generate([items[todo[k][0]][1] for k in chunk], max_new_tokens=max_new_tokens, temperature=temperature)
-        except PartialBatchError as exc:
-            # cache what finished before the failure, then let the step fail (a retry generates only the rest)
-            for pos, text in exc.completed.items():
-                if isinstance(text, str) and text.strip():
-                    cache.put(chunk[pos][0], chunk[pos][1], text, model_id)
+    n_done = 0
+
+    def finish(key: tuple[str, str], text: Any) -> None:
+        nonlocal n_done
+        text = text if isinstance(text, str) else ""
+        for i in todo[key]:
+            captions[i] = text
+        if text.strip():
+            cache.put(key[0], key[1], text, model_id)
+        n_done += 1
+        if on_batch is not None and n_done % batch_size == 0:
+            on_batch()
+
+    try:
+        stream = getattr(backend, "generate_as_completed", None)
+        if stream is not None:
+            prompts = [items[todo[k][0]][1] for k in keys]
+            for position, text in stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature):
+                finish(keys[position], text)
+        else:
+            for start in range(0, len(keys), batch_size):
+                chunk = keys[start : start + batch_size]
+                try:
+                    outputs = backend.generate(
+                        [items[todo[k][0]][1] for k in chunk], max_new_tokens=max_new_tokens, temperature=temperature
+                    )
+                except PartialBatchError as exc:
+                    # keep what finished before the failure, then let the step fail (a retry generates only the rest)
+                    for pos, text in exc.completed.items():
+                        finish(chunk[pos], text)
+                    raise
+                if len(outputs) != len(chunk):
+                    raise RuntimeError(f"backend {model_id!r} returned {len(outputs)} captions for {len(chunk)} prompts")
+                for key, text in zip(chunk, outputs):
+                    finish(key, text)
+    except Exception as exc:
+        if shard is None:
             raise
-        if len(outputs) != len(chunk):
-            raise RuntimeError(f"backend {model_id!r} returned {len(outputs)} captions for {len(chunk)} prompts")
-        for key, text in zip(chunk, outputs):
-            text = text if isinstance(text, str) else ""
-            for i in todo[key]:
-                captions[i] = text
-            if text.strip():
-                cache.put(key[0], key[1], text, model_id)
+        raise CaptionShardError(shard, n_done, len(keys), exc) from exc
     return [c if c is not None else "" for c in captions], n_cached, len(keys)

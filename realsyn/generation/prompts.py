@@ -1,4 +1,7 @@
-"""Fusion prompts (CapsFusion / RealSyn stage 8) and the prompt hash that keys the caption cache."""
+"""Fusion prompts (CapsFusion / RealSyn stage 8), the concise-caption prompt, and the prompt hash that keys the caption cache.
+
+Without a captioner (the embedded default) the fusion prompt has no "Concise caption" section.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,13 @@ DEFAULT_FUSION_INSTRUCTION = (
     "fluent, factual description of the image in one or two sentences. Use only information found in "
     "the inputs; do not invent objects, names, numbers or events. Drop details that do not describe "
     "the image. Output only the caption, with no preamble and no quotes."
+)
+
+# What a chat vision-language model is asked for the concise caption (stage 8, OFA's role): short and
+# literal, since the fusion LLM adds the detail from the real texts and the tags.
+DEFAULT_CONCISE_CAPTION_PROMPT = (
+    "Describe this image in one short, factual sentence of at most 20 words. "
+    "Name the main objects and what they do; do not guess names, places or text. Output only the sentence."
 )
 
 

@@ -36,10 +36,21 @@ STOPWORDS = frozenset(
 _WORD = re.compile(r"[a-z]+")
 
 
-def load_default_vocabulary() -> list[str]:
-    """The shipped list of common visual concepts (realsyn/data/tags.txt), one tag a line."""
-    text = resources.files("realsyn").joinpath("data/tags.txt").read_text(encoding="utf-8")
+def _parse_vocabulary(text: str) -> list[str]:
     return merge_vocabularies([line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")])
+
+
+def load_default_vocabulary() -> list[str]:
+    """The list of common visual concepts shipped in the package (realsyn/data/tags.txt), one tag a line."""
+    return _parse_vocabulary(resources.files("realsyn").joinpath("data/tags.txt").read_text(encoding="utf-8"))
+
+
+def load_vocabulary_file(path: str) -> list[str]:
+    """Tags of a local UTF-8 text file, one a line (``#`` comments); a missing file is one-line ``ModelNotFoundError``."""
+    from realsyn.models.paths import require_file
+
+    local = require_file("tagger vocabulary", path, "tagger.params.vocabulary_path")
+    return _parse_vocabulary(local.read_text(encoding="utf-8"))
 
 
 def merge_vocabularies(*vocabularies: Iterable[str]) -> list[str]:
@@ -89,7 +100,12 @@ def _l2_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ClipVocabularyTagger(Tagger):
-    """Top-k vocabulary tags per image by cosine of image and prompt-wrapped tag embeddings."""
+    """Top-k vocabulary tags per image by cosine of image and prompt-wrapped tag embeddings.
+
+    The vocabulary is ``vocabulary`` (a list), else ``vocabulary_path`` (a local file, one tag a line;
+    production: e.g. RAM++'s tag list under /models, read when the tagger is built, a missing file failing
+    at once), else the list shipped in the package; ``extra_tags`` join it.
+    """
 
     def __init__(
         self,
@@ -98,12 +114,20 @@ class ClipVocabularyTagger(Tagger):
         min_score: float | None = None,
         prompt: str = "a photo of {}",
         extra_tags: Sequence[str] = (),
+        vocabulary_path: str | None = None,
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if "{}" not in prompt:
             raise ValueError(f"prompt must contain '{{}}' for the tag, got {prompt!r}")
-        base = load_default_vocabulary() if vocabulary is None else vocabulary
+        if vocabulary is not None and vocabulary_path is not None:
+            raise ValueError("give vocabulary or vocabulary_path, not both")
+        if vocabulary is not None:
+            base = vocabulary
+        elif vocabulary_path is not None:
+            base = load_vocabulary_file(vocabulary_path)
+        else:
+            base = load_default_vocabulary()
         self.vocabulary = merge_vocabularies(base, extra_tags)
         if not self.vocabulary:
             raise ValueError("the tag vocabulary is empty")

@@ -13,7 +13,8 @@ import random
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -29,12 +30,30 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # The request itself was refused (e.g. prompt longer than the context): that item gets no caption.
 REJECTED_STATUS = frozenset({400, 413, 422})
 DEFAULT_API_KEY_ENV = "REALSYN_VLLM_API_KEY"
-LEGACY_API_KEY_ENV = "VLLM_API_KEY"
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 class VllmRequestError(RuntimeError):
     """The server could not be reached or kept failing; the message names the URL (credentials redacted)."""
+
+
+class VllmModelNotServedError(VllmRequestError):
+    """The server answers but does not serve the configured model (one line: which model, which server, how to fix)."""
+
+
+class _Secret:
+    """Holds a key handed over at run time (a resolved ``dg.EnvVar``): masked in repr, never pickled."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "_Secret(***)"
+
+    def __reduce__(self):
+        raise TypeError("an API key is never pickled")
 
 
 @dataclass
@@ -58,6 +77,12 @@ class _Response:
 class VllmOpenAIBackend(GenerationBackend):
     """``POST {base_url}/v1/chat/completions``, up to ``max_concurrency`` requests in flight.
 
+    ``generate_as_completed`` keeps ``max_concurrency`` requests in flight over a whole list of
+    prompts (a shard), yielding each completion as it arrives, so the caller's batch size (how often
+    the cache is persisted) never limits the server's load. One prompt that keeps failing does not
+    stop the others; once ``max_failed_prompts`` have failed for good (a dead server), no new prompt
+    is sent: those in flight finish (and are yielded), then the first error is raised.
+
     429, 5xx, timeouts and connection errors are retried ``retries`` times with exponential backoff
     (honouring Retry-After, clamped to [0, ``max_backoff_s``]); 400/413/422 mark that one prompt as
     rejected (empty caption, logged); any other status fails at once, since it means a wrong URL,
@@ -65,9 +90,15 @@ class VllmOpenAIBackend(GenerationBackend):
 
     ``timeout_s`` is one wall-clock deadline per attempt over connect, request, headers and body
     (``realsyn.net``): a server that drips its answer cannot hold a worker past it. The API key is
-    never a parameter: ``api_key_env`` names the environment variable read at request time
-    (``VLLM_API_KEY`` too when that is unset), so no config, snapshot or log holds it. ``user:pass@``
-    in ``base_url`` is sent as Basic auth (unless a key is set) and never appears in messages.
+    never a parameter: ``api_key_env`` names the one environment variable read at request time, so
+    no config, snapshot or log holds it; a Dagster resource may instead hand over its resolved
+    ``dg.EnvVar`` with ``use_api_key`` (kept out of repr and pickles). ``user:pass@`` in ``base_url``
+    is sent as Basic auth (unless a key is set) and never appears in messages.
+
+    Before the first completion, ``GET /v1/models`` is checked once (``verify_model``): a server
+    that does not serve ``model`` fails the step with one line naming the model, the server and the
+    ``--model``/``--served-model-name`` to start it with, instead of one 404 per prompt. A server
+    that cannot be reached yet (still loading its model) is waited for up to ``wait_ready_s``.
     """
 
     def __init__(
@@ -81,11 +112,16 @@ class VllmOpenAIBackend(GenerationBackend):
         seed: int = 0,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
+        verify_model: bool = True,
+        max_failed_prompts: int = 8,
+        wait_ready_s: float = 0.0,
     ):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if max_failed_prompts < 1:
+            raise ValueError(f"max_failed_prompts must be >= 1, got {max_failed_prompts}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         base, userinfo = strip_userinfo(base_url.strip().rstrip("/"))
@@ -104,7 +140,15 @@ class VllmOpenAIBackend(GenerationBackend):
         self.seed = int(seed)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = max(0.0, float(max_backoff_s))
+        self.verify_model = bool(verify_model)
+        self.max_failed_prompts = int(max_failed_prompts)
+        self.wait_ready_s = max(0.0, float(wait_ready_s))
         self.n_rejected = 0
+        # client-side load: requests being sent or awaited right now, and the most at once so far
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._verified = False
+        self._key: _Secret | None = None
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -117,8 +161,14 @@ class VllmOpenAIBackend(GenerationBackend):
     def models_url(self) -> str:
         return f"{self.base_url}/v1/models"
 
+    def use_api_key(self, key: str | None) -> None:
+        """Use this key instead of reading ``api_key_env`` (a resource's resolved ``dg.EnvVar``); None: read the variable again."""
+        self._key = _Secret(key) if key else None
+
     def _api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or os.environ.get(LEGACY_API_KEY_ENV) or None
+        if self._key is not None:
+            return self._key.value
+        return os.environ.get(self.api_key_env) or None
 
     def _redact(self, text: object) -> str:
         return redact(text, secrets=[self._api_key(), self._basic])
@@ -184,12 +234,12 @@ class VllmOpenAIBackend(GenerationBackend):
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_local", "_executor", "_lock")}
-        return state
+        # the handed-over key stays in this process; an unpickled copy reads api_key_env
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_executor", "_lock", "_key")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local, self._executor, self._lock = threading.local(), None, threading.Lock()
+        self._local, self._executor, self._lock, self._key = threading.local(), None, threading.Lock(), None
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         wait = parse_retry_after(retry_after)
@@ -230,7 +280,14 @@ class VllmOpenAIBackend(GenerationBackend):
             "temperature": float(temperature),
             "seed": self.seed,
         }
-        response = self._request("POST", self.completions_url, payload)
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            response = self._request("POST", self.completions_url, payload)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         if not response.ok:
             with self._lock:
                 self.n_rejected += 1
@@ -246,22 +303,76 @@ class VllmOpenAIBackend(GenerationBackend):
             ) from exc
         return clean_caption(content)
 
+    def _ensure_model(self) -> None:
+        if not self.verify_model or self._verified:
+            return
+        deadline = time.monotonic() + self.wait_ready_s
+        while True:
+            try:
+                self.check()
+                break
+            except VllmModelNotServedError:
+                raise
+            except VllmRequestError as exc:  # not reachable (yet): a server still loading its model
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.warning("%s not ready (%s); waiting up to %.0fs more", self._redact(self.base_url), exc, left)
+                time.sleep(min(5.0, left))
+        self._verified = True
+
+    def generate_as_completed(
+        self, prompts: Sequence[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0
+    ) -> Iterator[tuple[int, str]]:
+        """(position, caption) per prompt as each completes, ``max_concurrency`` requests in flight.
+
+        Once ``max_failed_prompts`` prompts have failed for good no new one is sent; those in flight
+        are still yielded, then the first error is raised (also when fewer failed, after the rest).
+        Closing the iterator early cancels nothing already sent.
+        """
+        if not prompts:
+            return
+        self._ensure_model()
+        pool = self._pool()
+        queue = iter(enumerate(prompts))
+        in_flight: dict[Future, int] = {}
+        error: BaseException | None = None
+        n_failed = 0
+
+        def refill() -> None:
+            while n_failed < self.max_failed_prompts and len(in_flight) < self.max_concurrency:
+                nxt = next(queue, None)
+                if nxt is None:
+                    return
+                in_flight[pool.submit(self._complete, nxt[1], max_new_tokens, temperature)] = nxt[0]
+
+        refill()
+        while in_flight:
+            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            finished: list[tuple[int, str]] = []
+            for future in done:
+                position = in_flight.pop(future)
+                try:
+                    finished.append((position, future.result()))
+                except Exception as exc:  # noqa: BLE001 - re-raised once the requests in flight are in
+                    error, n_failed = error or exc, n_failed + 1
+            refill()  # before yielding, so the server stays busy while the caller persists
+            yield from sorted(finished)
+        if error is not None:
+            raise error
+
     def generate(self, batch: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
         if not batch:
             return []
-        futures = [self._pool().submit(self._complete, m, max_new_tokens, temperature) for m in batch]
-        # every request runs to its end, so one failing prompt never discards the others' completions
+        # a failing prompt never discards the others' completions: they come back in PartialBatchError
         completed: dict[int, str] = {}
-        first_error: BaseException | None = None
-        for i, f in enumerate(futures):
-            try:
-                completed[i] = f.result()
-            except Exception as exc:  # noqa: BLE001 - kept and re-raised below with the completions
-                first_error = first_error or exc
-        if first_error is not None:
+        try:
+            for position, text in self.generate_as_completed(batch, max_new_tokens, temperature):
+                completed[position] = text
+        except Exception as exc:
             if not completed:
-                raise first_error
-            raise PartialBatchError(completed, first_error) from first_error
+                raise
+            raise PartialBatchError(completed, exc) from exc
         return [completed[i] for i in range(len(batch))]
 
     def check(self) -> list[str]:
@@ -274,7 +385,12 @@ class VllmOpenAIBackend(GenerationBackend):
         except (ValueError, KeyError, TypeError) as exc:
             raise VllmRequestError(self._redact(f"GET {self.models_url} returned a malformed model list: {response.text[:300]}")) from exc
         if self.model_id not in served:
-            raise VllmRequestError(self._redact(f"{self.base_url} does not serve model {self.model_id!r}; it serves {served}"))
+            raise VllmModelNotServedError(
+                self._redact(
+                    f"{self.base_url} does not serve model {self.model_id!r}; it serves {served}: start vLLM with"
+                    f" --model /models/<dir> --served-model-name {self.model_id} (or set the generator's params.model to a served id)"
+                )
+            )
         return served
 
 

