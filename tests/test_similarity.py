@@ -39,3 +39,62 @@ def test_band_reasons_inclusive_bounds():
     assert band_reasons(np.zeros(0, np.float32), 0.5, 0.6) == []
     with pytest.raises(ValueError):
         band_reasons(sim, 0.7, 0.6)
+
+
+class _HashTextEmbedder:
+    """Deterministic unit vectors per text; counts the texts it embeds."""
+
+    random_weights = False
+
+    def __init__(self, model_id: str = "hash-v1"):
+        self.model_id, self.embedded = model_id, []
+
+    def embed_texts(self, texts):
+        self.embedded.extend(texts)
+        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(4) for t in texts]).astype(np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_filter_pairs_rejudges_committed_scores_and_embeds_only_changed_pairs(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from realsyn import layout
+    from realsyn.stages import caption as stage
+    from realsyn.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    ids = ["a", "b", "c"]
+    emb = np.eye(3, 4, dtype=np.float32)
+    monkeypatch.setattr(stage, "kept_image_embeddings", lambda _storage, _shard: (ids, emb))
+
+    def captions(texts):
+        with storage.writer(layout.SYNTHETIC_CAPTIONS, "s0") as w:
+            w.write_parquet(layout.CAPTIONS_FILE, pa.table({"image_id": ids, "synthetic_caption": texts, "status": ["ok"] * 3}))
+
+    def scores():
+        t = storage.reader(layout.FILTERED_PAIRS, "s0").read_parquet(layout.SIMILARITY_FILE)
+        return dict(zip(t.column("image_id").to_pylist(), t.column("similarity").to_pylist()))
+
+    captions(["one", "two", "three"])
+    first = _HashTextEmbedder()
+    stage.filter_pairs(storage, "s0", first, low=-1.0, high=1.0)
+    assert first.embedded == ["one", "two", "three"]
+    before = scores()
+
+    # a new band: every score reused, nothing embedded, decisions follow the new band
+    again = _HashTextEmbedder()
+    stats = stage.filter_pairs(storage, "s0", again, low=2.0, high=3.0)
+    assert again.embedded == [] and scores() == before
+    assert stats.counts["scores_reused"] == 3 and stats.counts["rows_out"] == 0
+
+    # one caption changed: only that pair is embedded again
+    captions(["one", "TWO", "three"])
+    changed = _HashTextEmbedder()
+    stage.filter_pairs(storage, "s0", changed, low=-1.0, high=1.0)
+    assert changed.embedded == ["TWO"]
+    assert scores()["a"] == before["a"] and scores()["c"] == before["c"]
+
+    # another model: nothing reused
+    other = _HashTextEmbedder("hash-v2")
+    stage.filter_pairs(storage, "s0", other, low=-1.0, high=1.0)
+    assert other.embedded == ["one", "TWO", "three"]

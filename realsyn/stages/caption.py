@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -127,6 +128,28 @@ def _concise_captions(storage: Storage, shard: str, image_ids: list[str], captio
     return [got[i] for i in image_ids]
 
 
+def _pair_key(image_vector: np.ndarray, caption: str) -> str:
+    """What a pair's cosine depends on, besides the model: the image vector and the caption text."""
+    h = hashlib.blake2b(np.ascontiguousarray(image_vector, np.float32).tobytes(), digest_size=16)
+    h.update(caption.encode("utf-8"))
+    return h.hexdigest()
+
+
+def _committed_scores(storage: Storage, shard: str, model_id: str) -> dict[str, float]:
+    """pair_key -> cosine of this shard's committed scores, when they came from the same model."""
+    if not storage.has(layout.FILTERED_PAIRS, shard):
+        return {}
+    reader = storage.reader(layout.FILTERED_PAIRS, shard)
+    if not (reader.has(layout.SIMILARITY_FILE) and reader.has(layout.BAND_FILE)):
+        return {}
+    if reader.read_json(layout.BAND_FILE).get("model_id") != model_id:
+        return {}
+    table = reader.read_parquet(layout.SIMILARITY_FILE)
+    if "pair_key" not in table.column_names:  # written before scores were keyed
+        return {}
+    return dict(zip(table.column("pair_key").to_pylist(), table.column("similarity").to_pylist()))
+
+
 def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float | None = None, high: float | None = None) -> StepStats:
     """Cosine between each image and its synthetic caption; drop pairs outside the band."""
     from realsyn.similarity import band_reasons, default_band, pair_cosine
@@ -140,8 +163,20 @@ def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float
         by_id = dict(zip(ids, range(len(ids))))
         cap_ids = captions.column("image_id").to_pylist()
         img = emb[[by_id[i] for i in cap_ids]] if cap_ids else np.zeros((0, emb.shape[1]), np.float32)
-        txt = embedder.embed_texts(captions.column("synthetic_caption").to_pylist()) if cap_ids else np.zeros_like(img)
-        sim = pair_cosine(img, txt) if cap_ids else np.zeros(0, np.float32)
+        texts = captions.column("synthetic_caption").to_pylist()
+        keys = [_pair_key(img[i], t) for i, t in enumerate(texts)]
+        sim = np.zeros(len(cap_ids), np.float32)
+        # a changed band, or a new shard elsewhere, re-judges pairs without re-embedding them: the
+        # committed scores of identical pairs (same image vector, caption and model) are reused
+        known = _committed_scores(storage, shard, embedder.model_id)
+        todo = [i for i, k in enumerate(keys) if k not in known]
+        for i, k in enumerate(keys):
+            if k in known:
+                sim[i] = known[k]
+        if todo:
+            txt = embedder.embed_texts([texts[i] for i in todo])
+            sim[todo] = pair_cosine(img[todo], txt)
+        stats.add("scores_reused", len(cap_ids) - len(todo))
         if low is None or high is None:
             band = default_band(embedder.model_id, embedder.random_weights)
             if band is None:
@@ -160,7 +195,14 @@ def filter_pairs(storage: Storage, shard: str, embedder: Embedder, *, low: float
         with storage.writer(layout.FILTERED_PAIRS, shard) as w:
             # scores kept apart from the band that judged them
             w.write_parquet(
-                layout.SIMILARITY_FILE, pa.table({"image_id": pa.array(cap_ids, pa.string()), "similarity": pa.array(sim, pa.float32())})
+                layout.SIMILARITY_FILE,
+                pa.table(
+                    {
+                        "image_id": pa.array(cap_ids, pa.string()),
+                        "similarity": pa.array(sim, pa.float32()),
+                        "pair_key": pa.array(keys, pa.string()),
+                    }
+                ),
             )
             w.write_parquet(layout.DECISIONS_FILE, decision_table(cap_ids, reasons, [f"{float(x):.4f}" for x in sim]))
             w.write_json(layout.BAND_FILE, {"low": low, "high": high, "model_id": embedder.model_id})
