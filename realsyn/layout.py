@@ -115,6 +115,7 @@ TRAINING_CURVE_FILE = "curve.parquet"  # evaluations: objective, step, loss, lr
 TRAINING_CURVE_PLOT = "curve.png"
 EVALUATION_HISTORY_DIR = "_history/evaluations"  # {split}.jsonl: every evaluation of a split, outside any generation
 CAPTION_CACHE_DIR = "_cache/synthetic_captions"  # {shard}/part-{n:06d}.parquet, append-only, outside any generation: survives reruns
+CONCISE_CAPTION_CACHE_DIR = "_cache/concise_captions"  # {shard}/part-{n:06d}.parquet, keyed by (image_id, captioner_id)
 
 # One keep/drop record for every step that drops anything (see realsyn.decisions).
 DECISION_SCHEMA = pa.schema([("id", pa.string()), ("kept", pa.bool_()), ("reason", pa.string()), ("detail", pa.string())])

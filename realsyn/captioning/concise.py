@@ -26,7 +26,6 @@ from realsyn.storage import Storage
 
 log = logging.getLogger("realsyn")
 
-CONCISE_CAPTION_CACHE_DIR = "_cache/concise_captions"  # {shard}/part-{n:06d}.parquet, outside any generation: survives reruns
 CAPTION_CHUNK = 32  # images per captioner call unless it has a batch_size (bounds bytes in memory); the cache is appended after each
 FAIL_FAST_AFTER = 64  # this many errors before any caption: the captioner itself is broken (a dead server), stop asking
 IMAGE_READ_ROWS = 256  # image rows read from Parquet at once
@@ -37,12 +36,12 @@ class CaptionerFailedError(RuntimeError):
 
 
 class ConciseCaptionStore(CaptionCacheStore):
-    """A shard's concise-caption cache: ``{CONCISE_CAPTION_CACHE_DIR}/{shard}/part-{n:06d}.parquet``."""
+    """A shard's concise-caption cache: ``{layout.CONCISE_CAPTION_CACHE_DIR}/{shard}/part-{n:06d}.parquet``."""
 
     def __init__(self, storage: Storage, shard: str, max_parts: int = 64):
         super().__init__(storage, shard, max_parts)
-        self.rel_dir = f"{CONCISE_CAPTION_CACHE_DIR}/{shard}"
-        self.legacy_rel = f"{CONCISE_CAPTION_CACHE_DIR}/{shard}.parquet"  # never written; keeps the parent's read path harmless
+        self.rel_dir = f"{layout.CONCISE_CAPTION_CACHE_DIR}/{shard}"
+        self.legacy_rel = f"{layout.CONCISE_CAPTION_CACHE_DIR}/{shard}.parquet"  # never written; keeps the parent's read path harmless
 
 
 def _checked(captioner: Captioner, results: object, n: int) -> list[str | CaptionFailure]:

@@ -131,23 +131,23 @@ class VllmCaptioner(Captioner):
         except (ValueError, OSError) as exc:
             return CaptionFailure("undecodable_image", describe_error(exc))
         try:
-            response = client._request("POST", client.completions_url, payload)
+            response = client.request("POST", client.completions_url, payload)
         except VllmRequestError as exc:
             return CaptionFailure("captioner_error", str(exc))
         if not response.ok:
-            return CaptionFailure("captioner_rejected", client._redact(f"HTTP {response.status}: {response.text[:300]}"))
+            return CaptionFailure("captioner_rejected", client.redact_text(f"HTTP {response.status}: {response.text[:300]}"))
         try:
             content = response.json()["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            return CaptionFailure("captioner_error", client._redact(f"malformed completion: {response.text[:300]}"))
+            return CaptionFailure("captioner_error", client.redact_text(f"malformed completion: {response.text[:300]}"))
         text = clean_caption(content)
         return text if text else CaptionFailure("empty_caption")
 
     def caption(self, images: Sequence[Any]) -> list[str | CaptionFailure]:
         if not images:
             return []
-        self.client._ensure_model()  # a model the server lacks fails here, once, not once per image
-        pool = self.client._pool()
+        self.client.ensure_model()  # a model the server lacks fails here, once, not once per image
+        pool = self.client.pool()
         futures = [pool.submit(self._caption_one, image) for image in images]
         return [f.result() for f in futures]
 

@@ -170,7 +170,7 @@ class VllmOpenAIBackend(GenerationBackend):
             return self._key.value
         return os.environ.get(self.api_key_env) or None
 
-    def _redact(self, text: object) -> str:
+    def redact_text(self, text: object) -> str:
         return redact(text, secrets=[self._api_key(), self._basic])
 
     def _connection(self) -> DeadlineHTTPConnection:
@@ -215,7 +215,7 @@ class VllmOpenAIBackend(GenerationBackend):
             conn.close()
             raise
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="vllm")
@@ -248,21 +248,21 @@ class VllmOpenAIBackend(GenerationBackend):
         # Jitter spreads the retries of many workers hitting one restarted server.
         return min(self.backoff_s * (2**attempt), self.max_backoff_s) * random.uniform(0.5, 1.0)
 
-    def _request(self, method: str, url: str, payload: dict | None = None) -> _Response:
+    def request(self, method: str, url: str, payload: dict | None = None) -> _Response:
         """Response with a 2xx or rejected status; retries transient failures, raises otherwise."""
         last = ""
-        shown = self._redact(url)
+        shown = self.redact_text(url)
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
                 response = self._send(method, url, payload)
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, TLS, bad status line
                 kind = "Timeout" if isinstance(exc, TimeoutError) else "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
-                last = self._redact(f"{kind}: {type(exc).__name__}: {exc}")
+                last = self.redact_text(f"{kind}: {type(exc).__name__}: {exc}")
             else:
                 if response.ok or response.status in REJECTED_STATUS:
                     return response
-                last = self._redact(f"HTTP {response.status}: {response.text[:300]}")
+                last = self.redact_text(f"HTTP {response.status}: {response.text[:300]}")
                 if response.status not in RETRY_STATUS:
                     raise VllmRequestError(f"{method} {shown} failed with {last}")
                 retry_after = response.headers.get("Retry-After")
@@ -284,7 +284,7 @@ class VllmOpenAIBackend(GenerationBackend):
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            response = self._request("POST", self.completions_url, payload)
+            response = self.request("POST", self.completions_url, payload)
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -292,18 +292,21 @@ class VllmOpenAIBackend(GenerationBackend):
             with self._lock:
                 self.n_rejected += 1
             log.warning(
-                "%s rejected a prompt (HTTP %d): %s", self._redact(self.completions_url), response.status, self._redact(response.text[:300])
+                "%s rejected a prompt (HTTP %d): %s",
+                self.redact_text(self.completions_url),
+                response.status,
+                self.redact_text(response.text[:300]),
             )
             return ""
         try:
             content = response.json()["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise VllmRequestError(
-                self._redact(f"POST {self.completions_url} returned a malformed completion: {response.text[:300]}")
+                self.redact_text(f"POST {self.completions_url} returned a malformed completion: {response.text[:300]}")
             ) from exc
         return clean_caption(content)
 
-    def _ensure_model(self) -> None:
+    def ensure_model(self) -> None:
         if not self.verify_model or self._verified:
             return
         deadline = time.monotonic() + self.wait_ready_s
@@ -317,7 +320,7 @@ class VllmOpenAIBackend(GenerationBackend):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
-                log.warning("%s not ready (%s); waiting up to %.0fs more", self._redact(self.base_url), exc, left)
+                log.warning("%s not ready (%s); waiting up to %.0fs more", self.redact_text(self.base_url), exc, left)
                 time.sleep(min(5.0, left))
         self._verified = True
 
@@ -332,8 +335,8 @@ class VllmOpenAIBackend(GenerationBackend):
         """
         if not prompts:
             return
-        self._ensure_model()
-        pool = self._pool()
+        self.ensure_model()
+        pool = self.pool()
         queue = iter(enumerate(prompts))
         in_flight: dict[Future, int] = {}
         error: BaseException | None = None
@@ -377,16 +380,18 @@ class VllmOpenAIBackend(GenerationBackend):
 
     def check(self) -> list[str]:
         """Served model ids from ``GET /v1/models``; raises unless this backend's model is among them."""
-        response = self._request("GET", self.models_url)
+        response = self.request("GET", self.models_url)
         if not response.ok:
-            raise VllmRequestError(self._redact(f"GET {self.models_url} failed with HTTP {response.status}: {response.text[:300]}"))
+            raise VllmRequestError(self.redact_text(f"GET {self.models_url} failed with HTTP {response.status}: {response.text[:300]}"))
         try:
             served = [m["id"] for m in response.json()["data"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise VllmRequestError(self._redact(f"GET {self.models_url} returned a malformed model list: {response.text[:300]}")) from exc
+            raise VllmRequestError(
+                self.redact_text(f"GET {self.models_url} returned a malformed model list: {response.text[:300]}")
+            ) from exc
         if self.model_id not in served:
             raise VllmModelNotServedError(
-                self._redact(
+                self.redact_text(
                     f"{self.base_url} does not serve model {self.model_id!r}; it serves {served}: start vLLM with"
                     f" --model /models/<dir> --served-model-name {self.model_id} (or set the generator's params.model to a served id)"
                 )
