@@ -178,7 +178,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         shards = sorted(shard_key(u, corpus) for u in list_input_shards(corpus))
         counts = _print_summary(storage, shards)
-        print(f"\nExported dataset: {counts.get('export_location')}")
+        from realsyn.export import published_split_path
+
+        # what a trainer reads: each split's latest published version (never deleted by a later run)
+        print("\nPublished splits:")
+        for split in sorted(counts.get("splits") or {}):
+            try:
+                print(f"  {split:<16} {published_split_path(storage, split)}")
+            except FileNotFoundError:
+                print(f"  {split:<16} (not published: empty)")
         print(f"demo wall time: {time.perf_counter() - started:.0f}s")
     return code
 
