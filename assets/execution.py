@@ -13,6 +13,7 @@ import dagster as dg
 from assets.partitions import shard_partitions
 from assets.profiles import step_options
 from realsyn import layout, progress
+from realsyn.runtime import env_number
 
 GPU_POOL = "gpu"
 
@@ -38,14 +39,7 @@ SHARDS_PER_RUN_ENV = "REALSYN_SHARDS_PER_RUN"
 
 
 def shards_per_run() -> int:
-    raw = os.environ.get(SHARDS_PER_RUN_ENV, "8")
-    try:
-        n = int(raw)
-    except ValueError as e:
-        raise ValueError(f"{SHARDS_PER_RUN_ENV}={raw!r} is not an integer") from e
-    if n < 1:
-        raise ValueError(f"{SHARDS_PER_RUN_ENV} must be >= 1, got {n}")
-    return n
+    return int(env_number(SHARDS_PER_RUN_ENV, 8, integer=True, minimum=1))
 
 
 # backfill_policy is beta in Dagster; the warning would repeat for every per-shard asset at each load

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
+
+from realsyn.runtime import env_number
 
 T = TypeVar("T")
 Log = Callable[[str], None]
@@ -51,16 +52,7 @@ def current_sink() -> Log:
 
 
 def default_interval_s() -> float:
-    raw = os.environ.get("REALSYN_PROGRESS_INTERVAL_S")
-    if raw is None or not raw.strip():
-        return DEFAULT_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError as e:
-        raise ValueError(f"REALSYN_PROGRESS_INTERVAL_S={raw!r} is not a number") from e
-    if value < 0:
-        raise ValueError(f"REALSYN_PROGRESS_INTERVAL_S must be >= 0, got {value}")
-    return value
+    return env_number("REALSYN_PROGRESS_INTERVAL_S", DEFAULT_INTERVAL_S, minimum=0)
 
 
 def format_duration(seconds: float) -> str:

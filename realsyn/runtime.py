@@ -1,5 +1,5 @@
 """Model runtime shared by the embedders, language models and faiss indexes: which device, whether
-the Hugging Face hub may be reached, whether faiss may use a GPU, and unit-length rows.
+the Hugging Face hub may be reached, whether faiss may use a GPU, unit-length rows, and numeric settings read from the environment.
 
 torch and faiss are imported only when a function needs them.
 """
@@ -21,6 +21,24 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_number(name: str, default: float, *, integer: bool = False, minimum: float | None = None) -> float:
+    """A numeric setting from the environment: ``default`` when unset or blank, else the parsed value.
+
+    Raises ``ValueError`` naming the variable for text that is not a number (not an integer, with
+    ``integer``) and for a value below ``minimum``.
+    """
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not {'an integer' if integer else 'a number'}") from e
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def hub_offline() -> bool:

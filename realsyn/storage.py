@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn.io import atomic_write_bytes, filesystem_for, is_local, join_path
+from realsyn.runtime import env_number
 
 GLOBAL_PARTITION = "_global"
 CURRENT_FILE = "_CURRENT.json"
@@ -120,16 +121,6 @@ def _new_generation() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise ValueError(f"{name}={raw!r} is not a number") from e
-
-
 class Storage:
     """The storage root shared by all assets."""
 
@@ -144,8 +135,8 @@ class Storage:
         self.root_uri = root.rstrip("/")
         self.fs, self.root = filesystem_for(self.root_uri, storage_options)
         self.protocol = "file" if is_local(self.fs) else (self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol)
-        self.retention = int(retention if retention is not None else _env_number("REALSYN_STORAGE_RETENTION", DEFAULT_RETENTION))
-        self.grace_s = float(grace_s if grace_s is not None else _env_number("REALSYN_STORAGE_GRACE_S", DEFAULT_GRACE_S))
+        self.retention = int(retention if retention is not None else env_number("REALSYN_STORAGE_RETENTION", DEFAULT_RETENTION))
+        self.grace_s = float(grace_s if grace_s is not None else env_number("REALSYN_STORAGE_GRACE_S", DEFAULT_GRACE_S))
         if self.retention < 1:
             raise ValueError(f"retention must be >= 1 (the current generation), got {self.retention}")
         if self.grace_s < 0:

@@ -38,3 +38,24 @@ def test_l2_normalize_is_float32_unit_rows_and_keeps_zero_rows():
     y = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32)
     expected = (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     np.testing.assert_array_equal(runtime.l2_normalize(y), expected)
+
+
+def test_env_number_parses_defaults_and_names_the_variable(monkeypatch):
+    from realsyn.runtime import env_number
+
+    monkeypatch.delenv("REALSYN_TEST_N", raising=False)
+    assert env_number("REALSYN_TEST_N", 8, integer=True) == 8
+    monkeypatch.setenv("REALSYN_TEST_N", "  ")
+    assert env_number("REALSYN_TEST_N", 2.5) == 2.5
+    monkeypatch.setenv("REALSYN_TEST_N", "3")
+    assert env_number("REALSYN_TEST_N", 8, integer=True, minimum=1) == 3
+    monkeypatch.setenv("REALSYN_TEST_N", "2.5")
+    assert env_number("REALSYN_TEST_N", 1.0) == 2.5
+    with pytest.raises(ValueError, match=r"REALSYN_TEST_N='2.5' is not an integer"):
+        env_number("REALSYN_TEST_N", 8, integer=True)
+    monkeypatch.setenv("REALSYN_TEST_N", "x")
+    with pytest.raises(ValueError, match=r"REALSYN_TEST_N='x' is not a number"):
+        env_number("REALSYN_TEST_N", 1.0)
+    monkeypatch.setenv("REALSYN_TEST_N", "0")
+    with pytest.raises(ValueError, match=r"REALSYN_TEST_N must be >= 1, got 0"):
+        env_number("REALSYN_TEST_N", 8, integer=True, minimum=1)
