@@ -40,3 +40,31 @@ def _one_torch_thread():
     except Exception:
         pass
     yield
+
+
+@pytest.fixture
+def save_small_random_llama():
+    """Saves a 1-layer random-weight Llama with a given tokenizer as a plain HF directory; returns the model."""
+
+    def save(directory, tokenizer, seed=0):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).eval()
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return model
+
+    return save

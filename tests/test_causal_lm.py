@@ -92,35 +92,12 @@ def test_offline_hub_id_errors_in_one_line_before_any_download(monkeypatch):
     )
 
 
-def _save_small_random_llama(directory, tokenizer, seed=0):
-    """A 1-layer random-weight Llama with the embedded model's tokenizer, saved as a plain HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return model
-
-
-def test_a_model_saved_to_a_local_directory_loads_back_by_path(tmp_path):
+def test_a_model_saved_to_a_local_directory_loads_back_by_path(tmp_path, save_small_random_llama):
     import torch
 
     torch.set_num_threads(1)
     _, embedded_tokenizer = load_causal_lm(EMBEDDED_SMOLLM2, device="cpu")
-    saved = _save_small_random_llama(tmp_path / "tiny-llama", embedded_tokenizer)
+    saved = save_small_random_llama(tmp_path / "tiny-llama", embedded_tokenizer)
     model, tokenizer = load_causal_lm(str(tmp_path / "tiny-llama"), device="cpu")
     assert model is not saved and model.config.num_hidden_layers == 1 and model.config.hidden_size == 16
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None

@@ -118,25 +118,12 @@ def test_unknown_start_token_is_rejected_and_model_id_is_the_name():
         CausalLMPerplexityScorer(batch_size=0)
 
 
-def test_a_model_saved_to_a_local_directory_scores_by_path(tmp_path, scorer):
+def test_a_model_saved_to_a_local_directory_scores_by_path(tmp_path, scorer, save_small_random_llama):
     """A 1-layer random Llama saved to tmp_path and scored by path: exp(mean NLL) after the tokenizer's BOS."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tokenizer = scorer._load()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(7)
-    saved = LlamaForCausalLM(config).eval()
-    saved.save_pretrained(tmp_path / "tiny-llama")
-    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    saved = save_small_random_llama(tmp_path / "tiny-llama", tokenizer, seed=7)
     by_path = CausalLMPerplexityScorer(model=str(tmp_path / "tiny-llama"), device="cpu", batch_size=2)
     assert by_path.model_id == str(tmp_path / "tiny-llama")
     got = by_path.score(FLUENT[:3] + [""])
