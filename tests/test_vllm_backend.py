@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from realsyn.generation.base import clean_caption
 from realsyn.generation.prompts import build_fusion_messages
 from realsyn.generation.vllm_backend import VllmOpenAIBackend, VllmRequestError, parse_retry_after
 from realsyn.redact import redact
@@ -225,6 +226,76 @@ def test_slow_drip_headers_are_cut_at_the_deadline():
             backend.check()
         assert time.monotonic() - started < 6.0  # two attempts of 1 s each
         assert server.connections == 2
+
+
+class CutBodyServer:
+    """Raw HTTP on 127.0.0.1 that answers each completion with a 200 whose body stops early and then closes,
+    as a server killed while writing does; from the ``cut_first``+1-th request on it answers whole."""
+
+    def __init__(self, cut_first: int, chunked: bool = False):
+        import socket
+
+        self.cut_first, self.chunked, self.requests = cut_first, chunked, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                if head.startswith(b"GET"):  # the model check
+                    models = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(models), models))
+                    continue
+                length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                last_user = [m["content"] for m in json.loads(body)["messages"] if m["role"] == "user"][-1]
+                answer = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": last_user[::-1]}}]}).encode()
+                self.requests += 1
+                cut = self.requests <= self.cut_first
+                if self.chunked:
+                    sent = answer[: len(answer) // 2] if cut else answer
+                    wire = b"%x\r\n%s\r\n" % (len(answer), sent) + (b"" if cut else b"0\r\n\r\n")
+                    framing = b"Transfer-Encoding: chunked\r\n"
+                else:
+                    wire = answer[: len(answer) // 2] if cut else answer
+                    framing = b"Content-Length: %d\r\n" % len(answer)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + b"Connection: close\r\n\r\n" + wire)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_cut_short_by_a_dying_server_is_retried_not_taken_as_malformed(chunked):
+    prompts = _prompts(1)
+    with CutBodyServer(cut_first=1, chunked=chunked) as server:
+        backend = VllmOpenAIBackend(server.url, MODEL, retries=1, backoff_s=0.001, timeout_s=5)
+        [caption] = backend.generate(prompts)
+        assert server.requests == 2
+        assert caption and caption == clean_caption(prompts[0][-1]["content"][::-1])
+        backend.close()
+    with CutBodyServer(cut_first=5, chunked=chunked) as server:
+        backend = VllmOpenAIBackend(server.url, MODEL, retries=2, backoff_s=0.001, timeout_s=5)
+        with pytest.raises(VllmRequestError, match="after 3 attempts; last error: ConnectionError: IncompleteRead"):
+            backend.generate(prompts)
+        assert server.requests == 3
+        backend.close()
 
 
 @pytest.mark.parametrize(

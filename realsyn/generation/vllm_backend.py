@@ -206,6 +206,8 @@ class VllmOpenAIBackend(GenerationBackend):
             data = response.read(MAX_RESPONSE_BYTES + 1)
             if len(data) > MAX_RESPONSE_BYTES:
                 raise http.client.HTTPException(f"response over {MAX_RESPONSE_BYTES} bytes")
+            if response.length:  # http.client returns a body cut short by a dying server as if whole
+                raise http.client.IncompleteRead(data, response.length)
             if conn.deadline.expired():
                 raise TimeoutError(f"no complete response within {self.timeout_s:g}s")
             if response.will_close:
