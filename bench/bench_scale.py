@@ -195,11 +195,13 @@ def run_step(name: str, root: str, shards: list[str], shard: str | None, args: d
     if name == "sentence_clusters":
         from realsyn.stages.cluster import cluster_sentences
 
-        return int(cluster_sentences(storage, shards, niter=args["niter"]).counts["sentences"])
+        return int(
+            cluster_sentences(storage, shards, niter=args["niter"], sample_rows=args.get("sample_rows", 4_000_000)).counts["sentences"]
+        )
     if name == "retrievals":
         from realsyn.stages.retrieve import retrieve_all
 
-        return int(retrieve_all(storage, shards).counts["images"])
+        return int(retrieve_all(storage, shards, max_image_gb=args.get("max_image_gb")).counts["images"])
     if name == "synthetic_captions":
         return write_synthetic_captions(storage, shard)
     if name == "filtered_pairs":
@@ -209,7 +211,7 @@ def run_step(name: str, root: str, shards: list[str], shard: str | None, args: d
     if name == "image_clusters":
         from realsyn.stages.cluster import cluster_images
 
-        return int(cluster_images(storage, shards, niter=args["niter"]).counts["images"])
+        return int(cluster_images(storage, shards, niter=args["niter"], sample_rows=args.get("sample_rows", 4_000_000)).counts["images"])
     if name == "sampled_splits":
         from realsyn.plugins import PluginSpec
         from realsyn.stages.sample import SplitSpec, sample_splits
@@ -268,7 +270,13 @@ def main() -> None:
     p.add_argument("--topics", type=int, default=20_000)
     p.add_argument("--niter", type=int, default=10, help="K-means iterations (the graph's default is 20)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-rows", type=int, default=4_000_000, help="K-means sample budget of both cluster steps (the stages' default)")
+    p.add_argument(
+        "--max-image-gb", type=float, default=None, help="retrievals: image vectors held per round (default: all kept images held)"
+    )
     p.add_argument("--root", help="storage root (default: a temporary folder, removed at the end)")
+    p.add_argument("--steps", help="comma-separated subset of the steps to run, in the usual order (default: all)")
+    p.add_argument("--reuse-corpus", action="store_true", help="with --root: keep the corpus and outputs already there")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -284,13 +292,20 @@ def main() -> None:
     n_shards = a.shards or max(4, a.sentences // 250_000)
     shards = [f"part-{i:05d}" for i in range(n_shards)]
     args = {"dim": a.dim, "niter": a.niter, "sentences": a.sentences, "images": a.images, "topics": a.topics, "seed": a.seed}
+    args.update(sample_rows=a.sample_rows, max_image_gb=a.max_image_gb)
+    steps = STEPS if not a.steps else [s for s in STEPS if s in a.steps.split(",")]
+    if a.steps and len(steps) != len(a.steps.split(",")):
+        raise SystemExit(f"--steps: unknown step in {a.steps!r}; steps are {', '.join(STEPS)}")
+    if a.reuse_corpus and not a.root:
+        raise SystemExit("--reuse-corpus needs --root")
     try:
-        _, seconds, rss, _ = _child("write_corpus", root, shards, None, args)
-        print(
-            f"corpus: {a.sentences} sentences, {a.images} images, {n_shards} shards, D={a.dim} written in {seconds:.0f}s (peak {rss:.0f} MB)"
-        )
+        if not a.reuse_corpus:
+            _, seconds, rss, _ = _child("write_corpus", root, shards, None, args)
+            print(
+                f"corpus: {a.sentences} sentences, {a.images} images, {n_shards} shards, D={a.dim} written in {seconds:.0f}s (peak {rss:.0f} MB)"
+            )
         totals = {}
-        for name in STEPS:
+        for name in steps:
             runs = [_child(name, root, shards, None, args)] if name in GLOBAL else [_child(name, root, shards, s, args) for s in shards]
             n, seconds, rss, cpu = sum(r[0] for r in runs), sum(r[1] for r in runs), max(r[2] for r in runs), sum(r[3] for r in runs)
             totals[name] = (n, seconds, rss, cpu)

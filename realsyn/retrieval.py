@@ -17,8 +17,10 @@ only; NaN scores (a non-finite bank row) count as -inf.
 
 Memory: the running top k (N x k), the probes (N x n_probe), one bank part and the gathered
 embeddings of the pairs of the current part. Images are held whole (N x D) by default; with
-``max_image_bytes`` they are re-read from ``images`` once per round of bank parts instead, a round
-being as many consecutive parts as have pairs fitting in that budget.
+``max_image_bytes`` the bank parts are searched in rounds, a round being as many consecutive parts
+as have pairs fitting in that budget, and one more streaming pass over ``images`` spills each
+round's gathered vectors to a local temporary file, read back when the round comes (images read
+twice in all, memory one round).
 """
 
 from __future__ import annotations
@@ -397,21 +399,61 @@ def _ranges(weights: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _gather_streamed(batches: ImageBatches, images: np.ndarray, n_images: int, dim: int) -> np.ndarray:
-    """The embeddings of ``images`` (global rows, any order, repeats allowed), read by streaming the batches."""
-    out = np.empty((len(images), dim), np.float32)
-    order = np.argsort(images, kind="stable")
-    sorted_rows = images[order]
-    start = 0
-    for batch in batches():
-        batch = _check(batch, dim, "image batch")
-        lo, hi = np.searchsorted(sorted_rows, [start, start + len(batch)])
-        if hi > lo:
-            out[order[lo:hi]] = batch[sorted_rows[lo:hi] - start]
-        start += len(batch)
-    if start != n_images:
-        raise ValueError(f"image batches changed between passes: {start} rows, first pass saw {n_images}")
-    return out
+class _RoundSpill:
+    """The image vectors of each round's pairs, in bank order, spilled to local files by one more
+    streaming pass over the batches and read back one round at a time.
+
+    Images are read twice in all (assignment, spill) whatever the number of rounds, and memory holds
+    one round's vectors plus one batch: the budget bounds the pass, not the corpus.
+    """
+
+    def __init__(self, batches: ImageBatches, pair_image: np.ndarray, round_starts: np.ndarray, n_images: int, dim: int):
+        import tempfile
+
+        self.dim, self.round_starts = dim, round_starts
+        self.dir = tempfile.TemporaryDirectory(prefix="realsyn-retrieval-")
+        by_image = np.argsort(pair_image, kind="stable")  # pair positions, grouped by image
+        image_sorted = pair_image[by_image]
+        start = 0
+        for batch in batches():
+            batch = _check(batch, dim, "image batch")
+            lo, hi = np.searchsorted(image_sorted, [start, start + len(batch)])
+            pos = by_image[lo:hi]
+            rows = image_sorted[lo:hi] - start
+            rnd = np.searchsorted(round_starts, pos, side="right") - 1
+            order = np.argsort(rnd, kind="stable")
+            pos, rows, rnd = pos[order], rows[order], rnd[order]
+            cuts = np.flatnonzero(np.r_[True, rnd[1:] != rnd[:-1], True]) if len(rnd) else np.zeros(1, np.int64)
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                r = int(rnd[a])
+                with open(self._path(r, "pos"), "ab") as f:
+                    pos[a:b].astype(np.int64).tofile(f)
+                with open(self._path(r, "vec"), "ab") as f:
+                    np.ascontiguousarray(batch[rows[a:b]]).tofile(f)
+            start += len(batch)
+        if start != n_images:
+            raise ValueError(f"image batches changed between passes: {start} rows, first pass saw {n_images}")
+
+    def _path(self, r: int, kind: str) -> str:
+        return os.path.join(self.dir.name, f"round-{r}.{kind}")
+
+    def read(self, r: int, n_pairs: int) -> np.ndarray:
+        """Round ``r``'s (n_pairs, D) vectors, row i for the round's i-th pair in bank order."""
+        out = np.empty((n_pairs, self.dim), np.float32)
+        pos = np.fromfile(self._path(r, "pos"), dtype=np.int64) - int(self.round_starts[r])
+        if len(pos) != n_pairs:
+            raise RuntimeError(f"retrieval spill of round {r} holds {len(pos)} pairs, expected {n_pairs}")
+        step = max(1, ASSIGN_BATCH)
+        with open(self._path(r, "vec"), "rb") as f:
+            for s in range(0, len(pos), step):
+                chunk = np.fromfile(f, dtype=np.float32, count=min(step, len(pos) - s) * self.dim)
+                out[pos[s : s + step]] = chunk.reshape(-1, self.dim)
+        os.unlink(self._path(r, "pos"))
+        os.unlink(self._path(r, "vec"))
+        return out
+
+    def close(self) -> None:
+        self.dir.cleanup()
 
 
 def _search_part(bank, x, pair_cluster, layout: BankLayout, part: int, k: int, threads: int, executor):
@@ -451,8 +493,8 @@ def cluster_ordered_search(
     pass over the bank in cluster order.
 
     ``images``: an (N, D) array, or a callable returning an iterable of float32 (n_i, D) batches
-    whose concatenation is the N images (called once to assign, and once per round of bank parts
-    when ``max_image_bytes`` is set). ``centroids``: (K, D) array or a ``CentroidIndex``.
+    whose concatenation is the N images (called once to assign, and once more to spill the rounds'
+    vectors when ``max_image_bytes`` is set). ``centroids``: (K, D) array or a ``CentroidIndex``.
     ``load_part(p)`` returns bank part ``p`` as (rows, D) float32; each touched part is loaded once.
     ``threads``: 0 = every core. With every cluster probed the result is exact search's.
     """
@@ -525,6 +567,13 @@ def cluster_ordered_search(
         rounds.append((lo, hi))
         lo = hi
 
+    spill = None
+    if resident is None:  # a budget: every round's vectors spilled by one more pass over the images
+        t0 = time.perf_counter()
+        round_starts = np.array([part_bounds[r_lo] for r_lo, _ in rounds] + [len(pair_image)], dtype=np.int64)
+        spill = _RoundSpill(batches, pair_image, round_starts, n_images, dim)
+        seconds["gather"] += time.perf_counter() - t0
+
     executor = None
     if threads > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -532,13 +581,13 @@ def cluster_ordered_search(
         executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retrieval")
     try:
         with _threadpools().limit(limits=1, user_api="blas"):
-            for r_lo, r_hi in rounds:
+            for r, (r_lo, r_hi) in enumerate(rounds):
                 a, b = int(part_bounds[r_lo]), int(part_bounds[r_hi])
                 if a == b:
                     continue
                 stats["rounds"] += 1
                 t0 = time.perf_counter()
-                x_round = None if resident is not None else _gather_streamed(batches, pair_image[a:b], n_images, dim)
+                x_round = None if spill is None else spill.read(r, b - a)
                 seconds["gather"] += time.perf_counter() - t0
                 for part in range(r_lo, r_hi):
                     pa_, pb_ = int(part_bounds[part]), int(part_bounds[part + 1])
@@ -565,5 +614,7 @@ def cluster_ordered_search(
     finally:
         if executor is not None:
             executor.shutdown()
+        if spill is not None:
+            spill.close()
     stats["distances"] = stats["flops"] // (2 * dim) if dim else 0
     return SearchResult(run_ids, run_scores, stats, seconds)

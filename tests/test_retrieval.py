@@ -181,7 +181,10 @@ def test_result_does_not_depend_on_threads_image_order_or_chunking(monkeypatch):
     np.testing.assert_allclose(got_scores, scores, rtol=0, atol=1e-6)
 
 
-def test_image_budget_searches_parts_in_rounds_rereading_images():
+def test_image_budget_searches_parts_in_rounds_from_spilled_images(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rounds spill
     sent, img = _random_unit(2000, 16, 8), _random_unit(300, 16, 9)
     bank = Bank(sent, train_kmeans(sent, 16, niter=10, seed=0, use_gpu="never"), n_parts=4)
     ids, scores, res = bank.search(img, n_probe=2, k=3)
@@ -193,13 +196,21 @@ def test_image_budget_searches_parts_in_rounds_rereading_images():
         for s in range(0, len(img), 70):  # shard-sized batches
             yield img[s : s + 70]
 
-    # a budget of ~200 gathered image rows: one or two parts per round, images re-read per round
+    # a budget of ~200 gathered image rows: one or two parts per round; images read twice in all
+    # (assignment, then one pass spilling every round's vectors), whatever the number of rounds
     budget = 200 * 16 * 4
     got_ids, got_scores, res = bank.search(batches, n_probe=2, k=3, max_image_bytes=budget)
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_scores, scores)
-    assert 1 < res.stats["rounds"] <= 4 and calls["read"] == 1 + res.stats["rounds"]
-    assert dict(bank.loads) == {p: 2 for p in range(4)}  # once per search, whatever the rounds
+    assert 1 < res.stats["rounds"] <= 4 and calls["read"] == 2
+    assert list(tmp_path.iterdir()) == []  # the spill is removed
+    # a budget below one row: every part its own round, same result
+    calls.clear()
+    got_ids, got_scores, res = bank.search(batches, n_probe=2, k=3, max_image_bytes=1)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_scores, scores)
+    assert res.stats["rounds"] == 4 and calls["read"] == 2
+    assert dict(bank.loads) == {p: 3 for p in range(4)}  # once per search, whatever the rounds
     # without a budget, batches are read once and kept
     calls.clear()
     got_ids, _, _ = bank.search(batches, n_probe=2, k=3)

@@ -41,18 +41,70 @@ class SentenceBank:
         self.parts_read += 1
         return np.asarray(self.reader.read_numpy(layout.bank_part_file(part, "npy")), dtype=np.float32)
 
-    def texts(self, rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
-        """(sentence_id, text) of sorted unique global bank rows, reading each part that holds one once."""
-        part_of = np.searchsorted(self.layout.part_base, rows, side="right") - 1
-        ids, texts = [], []
-        for p in np.unique(part_of).tolist():
-            local = rows[part_of == p] - self.layout.part_base[p]
-            tab = self.reader.read_parquet(layout.bank_part_file(p, "parquet"), columns=["sentence_id", "text"]).take(pa.array(local))
-            ids.append(tab.column("sentence_id").combine_chunks())
-            texts.append(tab.column("text").combine_chunks())
-        if not ids:
-            return pa.array([], pa.string()), pa.array([], pa.string())
-        return pa.concat_arrays(ids), pa.concat_arrays(texts)
+    def texts_of_part(self, part: int, local_rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """(sentence_id, text) of rows ``local_rows`` (any order, repeats allowed) of one bank part."""
+        tab = self.reader.read_parquet(layout.bank_part_file(part, "parquet"), columns=["sentence_id", "text"])
+        tab = tab.take(pa.array(local_rows))
+        return tab.column("sentence_id").combine_chunks(), tab.column("text").combine_chunks()
+
+
+class RetrievedTextSpill:
+    """The retrieved (sentence_id, text) of every result slot, regrouped from bank order to shard order.
+
+    Each bank part's texts are read once; the slots it answers go to a local Arrow IPC file with one
+    record batch per shard, so writing a shard reads only its own batches. Memory: one part's texts
+    and one shard's slots, never the texts of the whole result.
+    """
+
+    SCHEMA = pa.schema([("slot", pa.int64()), ("sentence_id", pa.string()), ("text", pa.string())])
+
+    def __init__(self, bank: SentenceBank, row_ids: np.ndarray, shard_bounds: np.ndarray):
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory(prefix="realsyn-retrieved-texts-")
+        self.n_shards = len(shard_bounds) - 1
+        k = row_ids.shape[1] if row_ids.ndim == 2 else 1
+        flat = row_ids.ravel()
+        slots = np.flatnonzero(flat >= 0)  # slot = image * k + rank
+        rows = flat[slots]
+        part_of = np.searchsorted(bank.layout.part_base, rows, side="right") - 1
+        order = np.argsort(part_of, kind="stable")  # slots stay ascending within a part
+        part_cuts = np.searchsorted(part_of[order], np.arange(bank.layout.n_parts + 1))
+        self.parts: list[str] = []
+        for p in range(bank.layout.n_parts):
+            sel = order[part_cuts[p] : part_cuts[p + 1]]
+            if not len(sel):
+                continue
+            part_slots = slots[sel]
+            unique, inverse = np.unique(rows[sel] - bank.layout.part_base[p], return_inverse=True)
+            ids, texts = bank.texts_of_part(p, unique)
+            take = pa.array(inverse)
+            table = pa.table([pa.array(part_slots), ids.take(take), texts.take(take)], schema=self.SCHEMA)
+            shard_cuts = np.searchsorted(part_slots, shard_bounds * k)
+            path = f"{self.dir.name}/part-{p}.arrow"
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, self.SCHEMA) as writer:
+                for i in range(self.n_shards):
+                    a, b = int(shard_cuts[i]), int(shard_cuts[i + 1])
+                    writer.write_batch(table.slice(a, b - a).combine_chunks().to_batches(max_chunksize=None)[0] if b > a else self._empty())
+            self.parts.append(path)
+            del table, ids, texts
+
+    def _empty(self) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pylist([], schema=self.SCHEMA)
+
+    def shard(self, i: int) -> pa.Table:
+        """Shard ``i``'s slots (ascending: image then rank) with their sentence_id and text."""
+        batches = []
+        for path in self.parts:
+            with pa.OSFile(path, "rb") as source:
+                batch = pa.ipc.open_file(source).get_batch(i)
+                if batch.num_rows:
+                    batches.append(batch)
+        table = pa.Table.from_batches(batches, schema=self.SCHEMA)
+        return table.take(pa.array(np.argsort(table.column("slot").to_numpy(), kind="stable")))
+
+    def close(self) -> None:
+        self.dir.cleanup()
 
 
 def _lists(offsets: np.ndarray, values: pa.Array, value_type: pa.DataType) -> pa.Array:
@@ -105,36 +157,38 @@ def retrieve_all(
         if len(row_ids) != sum(counts):
             raise RuntimeError(f"retrievals: {len(row_ids)} results for {sum(counts)} kept images")
         valid = row_ids >= 0
-        rows, inverse = np.unique(row_ids[valid], return_inverse=True)  # row-major order of the valid slots
-        sentence_ids, texts = bank.texts(rows)
-        slot_of = np.full(row_ids.shape, -1, np.int64)
-        slot_of[valid] = inverse
-
         bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        with storage.writer(layout.RETRIEVALS) as w:
-            for i, shard in enumerate(shards):
-                a, b = int(bounds[i]), int(bounds[i + 1])
-                ok = valid[a:b]
-                offsets = np.concatenate([[0], np.cumsum(ok.sum(axis=1))])
-                take = pa.array(slot_of[a:b][ok])
-                table = pa.table(
-                    {
-                        "image_id": pa.array(kept_image_ids(storage, shard) if b > a else [], pa.string()),
-                        "sentence_ids": _lists(offsets, sentence_ids.take(take), pa.string()),
-                        "texts": _lists(offsets, texts.take(take), pa.string()),
-                        "scores": _lists(offsets, pa.array(scores[a:b][ok]), pa.float32()),
-                    },
-                    schema=layout.RETRIEVAL_SCHEMA,
-                )
-                w.write_parquet(layout.retrievals_file(shard), table)
-            stats.add("shards", len(shards))
-            stats.add("images", len(row_ids))
-            stats.add("texts_retrieved", int(valid.sum()))
-            stats.add("images_with_fewer_than_k", int((valid.sum(axis=1) < k).sum()) if len(row_ids) else 0)
-            stats.add("bank_parts_read", bank.parts_read)
-            stats.add("image_rounds", result.stats["rounds"])
-            stats.add("probed_pairs", result.stats["pairs"])
-            stats.add("distances", result.stats["distances"])
-            summary = {key: v for key, v in stats.as_dict().items() if key != "seconds"}  # still timing here
-            w.write_json(layout.SUMMARY_FILE, {**summary, "pass_seconds": {n: round(v, 3) for n, v in result.seconds.items()}})
+        spill = RetrievedTextSpill(bank, row_ids, bounds)
+        try:
+            with storage.writer(layout.RETRIEVALS) as w:
+                for i, shard in enumerate(shards):
+                    a, b = int(bounds[i]), int(bounds[i + 1])
+                    ok = valid[a:b]
+                    offsets = np.concatenate([[0], np.cumsum(ok.sum(axis=1))])
+                    found = spill.shard(i)
+                    if len(found) != int(ok.sum()):
+                        raise RuntimeError(f"retrievals: shard {shard} has {len(found)} retrieved texts for {int(ok.sum())} results")
+                    table = pa.table(
+                        {
+                            "image_id": pa.array(kept_image_ids(storage, shard) if b > a else [], pa.string()),
+                            "sentence_ids": _lists(offsets, found.column("sentence_id").combine_chunks(), pa.string()),
+                            "texts": _lists(offsets, found.column("text").combine_chunks(), pa.string()),
+                            "scores": _lists(offsets, pa.array(scores[a:b][ok]), pa.float32()),
+                        },
+                        schema=layout.RETRIEVAL_SCHEMA,
+                    )
+                    w.write_parquet(layout.retrievals_file(shard), table)
+                    del found, table
+                stats.add("shards", len(shards))
+                stats.add("images", len(row_ids))
+                stats.add("texts_retrieved", int(valid.sum()))
+                stats.add("images_with_fewer_than_k", int((valid.sum(axis=1) < k).sum()) if len(row_ids) else 0)
+                stats.add("bank_parts_read", bank.parts_read)
+                stats.add("image_rounds", result.stats["rounds"])
+                stats.add("probed_pairs", result.stats["pairs"])
+                stats.add("distances", result.stats["distances"])
+                summary = {key: v for key, v in stats.as_dict().items() if key != "seconds"}  # still timing here
+                w.write_json(layout.SUMMARY_FILE, {**summary, "pass_seconds": {n: round(v, 3) for n, v in result.seconds.items()}})
+        finally:
+            spill.close()
     return stats
