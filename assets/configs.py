@@ -181,7 +181,7 @@ class RetrievalConfig(dg.Config):
     max_image_gb: float | None = Field(
         default=None,
         gt=0,
-        description="Bound on the image embeddings held at once: bank parts are searched in rounds, images re-read per round; null = hold every kept image once.",
+        description="Bound on the image embeddings held at once: bank parts are searched in rounds whose gathered vectors are spilled to the pod's local disk by one more pass over the images; null = hold every kept image once.",
     )
 
 

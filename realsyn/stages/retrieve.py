@@ -123,8 +123,10 @@ def retrieve_all(
     """Top-k real sentences, best first, for the kept images of every shard, in one pass over the bank.
 
     ``threads``: 0 = every core. ``max_image_gb``: None holds every kept image embedding in memory
-    once; a number bounds the gathered image embeddings per round of bank parts (images are re-read
-    from storage once per round). The result does not depend on the order of ``shards``.
+    once; a number bounds the gathered image embeddings per round of bank parts (images are read
+    twice: to assign them, then to spill each round's vectors to local disk). The retrieved texts are
+    regrouped per shard through a local spill (``RetrievedTextSpill``), so the texts of all images are
+    never held. The result does not depend on the order of ``shards``.
     """
     from realsyn.clustering import CentroidIndex
     from realsyn.retrieval import cluster_ordered_search
