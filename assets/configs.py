@@ -137,6 +137,11 @@ class ImageDedupConfig(dg.Config):
         description="faiss index for the global near-neighbour search: 'auto' = Flat below 50,000 vectors, else 'IVF{N/256}_HNSW32,SQ8' (lists of ~256 vectors, HNSW coarse quantiser; SQ8 candidates verified by the exact inner product); or any faiss factory string (PQ similarities are too coarse for a tight threshold).",
     )
     nprobe: int = Field(default=16, description="IVF lists probed per query (recall vs time; bench/bench_dedup.py).")
+    max_index_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory budget (GiB) of the semantic IVF index: null = one global index (grows with N); set, the IVF lists are indexed one contiguous range at a time within the budget, on CPU (the same edges; one more read of the shards plus two per range).",
+    )
 
 
 class SentenceDedupConfig(dg.Config):
@@ -148,6 +153,9 @@ class SentenceDedupConfig(dg.Config):
         default="auto", description="faiss index factory string; 'auto' as for images (Flat when small, IVF-SQ8 when large)."
     )
     nprobe: int = Field(default=16, description="IVF lists probed per query.")
+    max_index_gb: float | None = Field(
+        default=None, gt=0, description="Memory budget (GiB) of the semantic IVF index; null = one global index. As for images."
+    )
 
 
 class SentenceClustersConfig(dg.Config):

@@ -9,8 +9,13 @@
 4. Semantic dedup: IVF-SQ8 (``auto``: IVF{N/256}_HNSW32, verified by the exact inner product) vs Flat
    (exact, the old default; its edges are the truth), through the stage's own sharded path:
    time, recall, precision.
+5. With ``--max-index-gb``: semantic dedup (``auto``) in bounded memory, one global index vs IVF
+   list ranges within the budget (``SemanticIndex.partitioned_edges``), each in a fresh process:
+   peak RSS above the start, time, ranges, and identical edges. ``--only-index-memory`` runs this
+   section alone (its RESULT fields only).
 
     flock /tmp/realsyn-bench.lock .venv/bin/python bench/bench_dedup.py
+    flock /tmp/realsyn-bench.lock .venv/bin/python bench/bench_dedup.py --only-index-memory --max-index-gb 0.02
 """
 
 from __future__ import annotations
@@ -343,6 +348,112 @@ def bench_semantic(n: int, dim: int, threshold: float, nprobe: int, n_shards: in
     }
 
 
+# -- 5. semantic dedup in bounded memory -----------------------------------------------------------
+
+
+def semantic_child(root: str, shards: list[str], params: dict) -> None:
+    """``_semantic_edges`` in this fresh process: peak RSS above the RSS before it ran; edges saved."""
+    import faiss  # noqa: F401  (warm-up common to both paths: the lazy imports)
+
+    import realsyn.clustering  # noqa: F401
+    from realsyn.dedup import SemanticIndex
+    from realsyn.stages.dedup import _Corpus, _semantic_edges
+
+    corpus = _Corpus(Storage(root), layout.SENTENCE_EMBEDDINGS, shards)
+    before = _status_bytes("VmRSS")
+    phases = {}
+    train = SemanticIndex.train
+
+    def train_then_reset_peak(self, sample):
+        """Split the peak: training (quantiser + codes, on the bounded sample), then the index and its queries."""
+        train(self, sample)
+        phases["train_peak_delta"] = _status_bytes("VmHWM") - before
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+    SemanticIndex.train = train_then_reset_peak
+    stats = StepStats("bench")
+    t0 = time.perf_counter()
+    edges = _semantic_edges(corpus, params["threshold"], "auto", params["nprobe"], stats, params["max_index_gb"])
+    seconds = time.perf_counter() - t0
+    index_peak = _status_bytes("VmHWM") - before
+    np.save(params["out"], edges)
+    peak = max(index_peak, phases["train_peak_delta"])
+    print(json.dumps({"peak_delta": peak, "index_peak_delta": index_peak, **phases, "seconds": seconds, "stats": stats.as_dict()}))
+
+
+def write_vector_corpus(storage: Storage, n: int, dim: int, n_shards: int, seed: int) -> list[str]:
+    """``planted_vectors`` shard by shard (5% noisy copies of rows of the same or an earlier shard),
+    so the parent never holds the corpus either."""
+    rng = np.random.default_rng(seed)
+    shards, per = [f"shard-{k:03d}" for k in range(n_shards)], -(-n // n_shards)
+    previous = None
+    for k, shard in enumerate(shards):
+        m = min(per, n - k * per)
+        x = rng.standard_normal((m, dim), dtype=np.float32)
+        n_dup = m // 20
+        copies = rng.choice(m, size=n_dup, replace=False)
+        pool = x if previous is None else np.concatenate([previous, x])
+        sources = rng.integers(0, len(pool), size=n_dup)
+        x[copies] = pool[sources] + rng.normal(scale=0.04, size=(n_dup, dim)).astype(np.float32)
+        x = l2_normalize(x)
+        rows = np.arange(k * per, k * per + m)
+        with storage.writer(layout.SENTENCE_EMBEDDINGS, shard) as w:
+            w.write_numpy(layout.EMBEDDINGS_FILE, x)
+            w.write_parquet(layout.EMBEDDING_INDEX_FILE, pa.table({"sentence_id": [str(i) for i in rows]}))
+            w.write_json(layout.MODEL_FILE, {"model_id": "bench", "dim": dim, "random_weights": False})
+        previous = x
+    return shards
+
+
+def bench_index_memory(n: int, dim: int, threshold: float, nprobe: int, n_shards: int, max_index_gb: float, seed: int) -> dict:
+    """One global index vs IVF list ranges within ``max_index_gb``, each in a fresh process."""
+    root = tempfile.mkdtemp(prefix="bench-index-memory-")
+    storage = Storage(root)
+    shards = write_vector_corpus(storage, n, dim, n_shards, seed)
+    factory = auto_index_factory(n)
+    print(f"\n[semantic index memory] n={n} dim={dim} threshold={threshold} nprobe={nprobe} {factory}, {n_shards} shards")
+    print("each path in a fresh process (_semantic_edges); peak RSS above the start (VmHWM - VmRSS before), split at the end of training")
+    print(f"{'path':<30}{'seconds':>9}{'peak MiB':>10}{'train MiB':>11}{'index MiB':>11}{'ranges':>8}{'edges':>10}{'candidates':>12}")
+    res = {}
+    for label, budget in (("one global index", None), (f"list ranges <= {max_index_gb} GiB", max_index_gb)):
+        out = os.path.join(root, f"edges-{budget}.npy")
+        params = {"threshold": threshold, "nprobe": nprobe, "max_index_gb": budget, "out": out}
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", "semantic", "--root", root, "--shards", ",".join(shards), "--params", json.dumps(params)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["codes"] = _codes(np.load(out), n)
+        res[budget] = r
+        st = r["stats"]
+        ranges, cand = st.get("semantic_index_ranges", 1), st.get("semantic_candidates", "-")
+        mib = [r[k] / 2**20 for k in ("peak_delta", "train_peak_delta", "index_peak_delta")]
+        print(f"{label:<30}{r['seconds']:9.2f}{mib[0]:10.1f}{mib[1]:11.1f}{mib[2]:11.1f}{ranges:8d}{st['semantic_edges']:10d}{cand:>12}")
+    one, part = res[None], res[max_index_gb]
+    same = np.array_equal(one["codes"], part["codes"]) and one["stats"].get("semantic_candidates") == part["stats"].get(
+        "semantic_candidates"
+    )
+    print(f"identical edges and candidate counts: {same}; index codes + ids of the global index: {n * (dim + 8) / 2**20:.0f} MiB")
+    assert same, "list ranges and the global index disagree"
+    shutil.rmtree(root)
+    return {
+        "index_mem_n": n,
+        "index_mem_dim": dim,
+        "max_index_gb": max_index_gb,
+        "index_ranges": part["stats"]["semantic_index_ranges"],
+        "global_index_peak_MiB": one["peak_delta"] / 2**20,
+        "ranges_peak_MiB": part["peak_delta"] / 2**20,
+        "train_peak_MiB": part["train_peak_delta"] / 2**20,
+        "global_index_phase_MiB": one["index_peak_delta"] / 2**20,
+        "ranges_index_phase_MiB": part["index_peak_delta"] / 2**20,
+        "global_index_s": one["seconds"],
+        "ranges_s": part["seconds"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phash-n", type=int, default=200_000)
@@ -357,18 +468,39 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--semantic-shards", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--child", choices=["legacy", "columnar"], help=argparse.SUPPRESS)
+    ap.add_argument("--max-index-gb", type=float, help="section 5: the semantic index budget (GiB) to compare with one global index")
+    ap.add_argument("--index-memory-n", type=int, default=1_000_000)
+    ap.add_argument("--index-memory-dim", type=int, default=128)
+    ap.add_argument("--index-memory-shards", type=int, default=8)
+    ap.add_argument("--only-index-memory", action="store_true", help="run section 5 alone")
+    ap.add_argument("--child", choices=["legacy", "columnar", "semantic"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
+    ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "semantic":
+        semantic_child(args.root, args.shards.split(","), json.loads(args.params))
+        return
     if args.child:
         child(args.child, args.root, args.shards.split(","))
         return
 
-    out = bench_phash(args.phash_n, args.phash_large_n, args.max_distance, args.seed)
-    out.update(bench_stage(args.stage_n, args.stage_shard_rows, args.seed))
-    out.update(bench_components(args.components_n, args.seed))
-    out.update(bench_semantic(args.semantic_n, args.dim, args.threshold, args.nprobe, args.semantic_shards, args.seed))
+    if args.only_index_memory and args.max_index_gb is None:
+        ap.error("--only-index-memory needs --max-index-gb")
+    if not args.only_index_memory:
+        out = bench_phash(args.phash_n, args.phash_large_n, args.max_distance, args.seed)
+        out.update(bench_stage(args.stage_n, args.stage_shard_rows, args.seed))
+        out.update(bench_components(args.components_n, args.seed))
+        out.update(bench_semantic(args.semantic_n, args.dim, args.threshold, args.nprobe, args.semantic_shards, args.seed))
+    memory = {}
+    if args.max_index_gb is not None:
+        memory = bench_index_memory(
+            args.index_memory_n, args.index_memory_dim, args.threshold, args.nprobe, args.index_memory_shards, args.max_index_gb, args.seed
+        )
+    memory_fields = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in memory.items())
+    if args.only_index_memory:
+        print(f"RESULT {memory_fields}")
+        return
     print(
         "RESULT "
         f"phash_n={out['phash_n']} phash_pairs={out['phash_pairs']} mih_d1_speedup={out['mih_d1']:.1f} "
@@ -379,7 +511,7 @@ def main() -> None:
         f"columnar_marginal_B={out['columnar_marginal']:.0f} memory_ratio={out['memory_ratio']:.1f} "
         f"stage_speedup={out['stage_speedup']:.2f} uf_over_csgraph={out['uf_over_csgraph']:.2f} "
         f"semantic_n={out['semantic_n']} sq8_vs_flat={out['sq8_vs_flat']:.1f} "
-        f"sq8_recall={out['sq8_recall']:.4f} sq8_precision={out['sq8_precision']:.4f}"
+        f"sq8_recall={out['sq8_recall']:.4f} sq8_precision={out['sq8_precision']:.4f}" + (f" {memory_fields}" if memory else "")
     )
 
 

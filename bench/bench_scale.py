@@ -192,11 +192,11 @@ def run_step(name: str, root: str, shards: list[str], shard: str | None, args: d
     if name == "image_dedup":
         from realsyn.stages.dedup import dedup_images
 
-        return int(dedup_images(storage, shards).counts["rows_in"])
+        return int(dedup_images(storage, shards, max_index_gb=args.get("max_index_gb")).counts["rows_in"])
     if name == "sentence_dedup":
         from realsyn.stages.dedup import dedup_sentences
 
-        return int(dedup_sentences(storage, shards).counts["rows_in"])
+        return int(dedup_sentences(storage, shards, max_index_gb=args.get("max_index_gb")).counts["rows_in"])
     if name == "sentence_clusters":
         from realsyn.stages.cluster import cluster_sentences
 
@@ -277,6 +277,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-rows", type=int, default=4_000_000, help="K-means sample budget of both cluster steps (the stages' default)")
     p.add_argument(
+        "--max-index-gb", type=float, default=None, help="both dedup steps: semantic index codes held per list range (default: one index)"
+    )
+    p.add_argument(
         "--max-image-gb", type=float, default=None, help="retrievals: image vectors held per round (default: all kept images held)"
     )
     p.add_argument("--root", help="storage root (default: a temporary folder, removed at the end)")
@@ -297,7 +300,7 @@ def main() -> None:
     n_shards = a.shards or max(4, a.sentences // 250_000)
     shards = [f"part-{i:05d}" for i in range(n_shards)]
     args = {"dim": a.dim, "niter": a.niter, "sentences": a.sentences, "images": a.images, "topics": a.topics, "seed": a.seed}
-    args.update(sample_rows=a.sample_rows, max_image_gb=a.max_image_gb)
+    args.update(sample_rows=a.sample_rows, max_image_gb=a.max_image_gb, max_index_gb=a.max_index_gb)
     steps = STEPS if not a.steps else [s for s in STEPS if s in a.steps.split(",")]
     if a.steps and len(steps) != len(a.steps.split(",")):
         raise SystemExit(f"--steps: unknown step in {a.steps!r}; steps are {', '.join(STEPS)}")

@@ -677,6 +677,24 @@ def rowwise_dot(a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
     return out
 
 
+def ivf_list_ranges(list_sizes: np.ndarray, entry_bytes: int, max_bytes: int) -> np.ndarray:
+    """Cut IVF lists 0..nlist-1 into contiguous ranges whose stored entries (``list_sizes`` x
+    ``entry_bytes``: code plus 8-byte id) fit ``max_bytes``, greedily from list 0; a list larger
+    than the budget gets a range of its own. Returns the bounds (R + 1,): range r is lists
+    ``bounds[r]:bounds[r + 1]``."""
+    sizes = np.asarray(list_sizes, dtype=np.int64)
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+    cum = np.cumsum(sizes * int(entry_bytes))  # bytes of lists 0..i
+    bounds, start = [0], 0
+    while start < len(sizes):
+        base = int(cum[start - 1]) if start else 0
+        end = max(int(np.searchsorted(cum, base + int(max_bytes), side="right")), start + 1)
+        bounds.append(end)
+        start = end
+    return np.asarray(bounds, dtype=np.int64)
+
+
 class SemanticIndex:
     """Inner-product faiss index over L2-normalised vectors; edges = pairs with cosine >= threshold.
 
@@ -689,6 +707,8 @@ class SemanticIndex:
     On GPU (faiss-gpu with ``use_gpu`` "auto" or "always") range search is not available for every
     index type, so the index is searched for ``k_neighbors`` nearest neighbours and thresholded: a
     row with more than k near-duplicates loses the excess (counted in ``saturated_queries``).
+    ``partitioned_edges`` gives the same pairs as ``add`` + ``edges`` over a whole corpus with only
+    one contiguous range of IVF lists in memory at a time (bounded memory; CPU only).
     """
 
     def __init__(
@@ -711,6 +731,7 @@ class SemanticIndex:
         self.approximate = bool(APPROXIMATE_CODES.search(index_factory))
         self.margin = float((SQ_MARGIN if self.approximate else 0.0) if margin is None else margin)
         self.saturated_queries = 0
+        self.index_ranges = 0  # ranges of IVF lists the last partitioned_edges indexed one at a time
         if gpu:  # GPU IVF searches its coarse centroids by brute force on the device
             index_factory = re.sub(r"_HNSW\d*", "", index_factory)
         self.index_factory = index_factory
@@ -744,6 +765,13 @@ class SemanticIndex:
     @property
     def ntotal(self) -> int:
         return int(self._index.ntotal)
+
+    @property
+    def partitionable(self) -> bool:
+        """Whether ``partitioned_edges`` applies: a plain IVF index (no pre-transform) on CPU."""
+        import faiss
+
+        return not self.on_gpu and isinstance(faiss.downcast_index(self._index), faiss.IndexIVF)
 
     @property
     def is_trained(self) -> bool:
@@ -812,3 +840,123 @@ class SemanticIndex:
         rows = np.broadcast_to(np.arange(len(query_emb), dtype=np.int64)[:, None], hit.shape)
         pairs, s = _upper_pairs(rows[hit], ids[hit], query_offset, sims[hit])
         return (pairs, s) if with_similarity else pairs
+
+    def partitioned_edges(
+        self,
+        shards: Sequence[tuple[int, Callable[[], np.ndarray]]],
+        max_bytes: int,
+        *,
+        with_similarity: bool = False,
+        spill_dir: str | None = None,
+    ):
+        """``edges`` of every vector against every other, with the IVF lists cut into contiguous
+        ranges whose stored entries fit ``max_bytes``: exactly the pairs (and similarities) that one
+        index holding every vector, queried with every vector, would give, in bounded memory.
+
+        ``shards``: (global id of its first row, a function returning its (n, dim) vectors; a
+        memory map is fine), in id order, contiguous. The index must be trained, empty and on CPU.
+
+        1. One pass over the shards: per vector its list (``quantizer.assign``: what ``add`` uses)
+           and its ``nprobe`` probed lists with their coarse similarities (``quantizer.search``:
+           what a query probes), from the same quantiser on the same shard batch, spilled per shard
+           to int32 / float32 files under a temporary folder (removed at the end), never held for
+           the corpus; the list sizes are counted on the way.
+        2. ``ivf_list_ranges`` cuts the lists by list sizes x (code size + 8 id bytes).
+        3. Per range, in a fresh set of inverted lists over the same trained quantiser and codes:
+           every vector whose list is in the range is added with its spilled list and global id
+           (``add_preassigned``), then every vector probing a list in the range is range-searched
+           with its probes outside the range masked to -1 (``range_search_preassigned``, spilled
+           coarse similarities: the residual codes need them). A candidate (query, indexed) is
+           found in the one range holding the indexed vector's list, so each pair comes out once,
+           and ``query < indexed`` keeps it exactly as ``edges`` does.
+
+        Memory: one range's entries (<= ``max_bytes`` unless one list alone is larger) plus one
+        shard's vectors and probes, plus the quantiser. Reads: one pass over the shards for the
+        probes, then up to two per range (add, query; a shard with nothing in the range is
+        skipped). Disk: (4 + 8 x nprobe) bytes per vector. ``self.index_ranges``: the ranges.
+        CPU only: range search over preassigned lists has no GPU version, so the stage builds the
+        index with ``use_gpu="never"`` when a budget is set.
+        """
+        import os
+        import shutil
+        import tempfile
+
+        import faiss
+        from faiss.contrib.ivf_tools import add_preassigned, range_search_preassigned
+
+        if self.on_gpu:
+            raise RuntimeError("partitioned_edges runs on CPU: build the SemanticIndex with use_gpu='never'")
+        ivf = faiss.downcast_index(self._index)
+        if not self.partitionable:
+            raise ValueError(
+                f"{self.index_factory}: partitioned_edges needs a plain IVF index (no pre-transform), not {type(ivf).__name__}"
+            )
+        if not self.is_trained:
+            raise RuntimeError("index must be trained before partitioned_edges(): call train(sample)")
+        if self.ntotal:
+            raise RuntimeError("partitioned_edges adds every vector itself: the index must be empty")
+        nlist, nprobe = self.nlist, min(self.nprobe, self.nlist)
+        ivf.nprobe = nprobe  # range_search_preassigned reads nprobe keys per query
+        quantizer = ivf.quantizer
+        cut = np.float32(self.threshold - self.margin)
+        radius = float(np.nextafter(cut, np.float32(-np.inf)))  # faiss keeps > radius: one float below for >=
+        pairs_out, sims_out = [], []
+        sizes = np.zeros(nlist, dtype=np.int64)
+        tmp = tempfile.mkdtemp(prefix="realsyn-ivf-ranges-", dir=spill_dir)
+        try:
+            files = []
+            for k, (offset, load) in enumerate(shards):
+                x = self._check(load())
+                assign = quantizer.assign(x, 1).reshape(-1).astype(np.int32)
+                coarse, probes = quantizer.search(x, nprobe)
+                del x
+                paths = tuple(os.path.join(tmp, f"{k}.{name}.npy") for name in ("assign", "probes", "coarse"))
+                for path, array in zip(paths, (assign, probes.astype(np.int32), coarse.astype(np.float32))):
+                    np.save(path, array)
+                sizes += np.bincount(assign[assign >= 0], minlength=nlist)
+                files.append((int(offset), load, paths))
+                del assign, probes, coarse
+            bounds = ivf_list_ranges(sizes, int(ivf.code_size) + 8, max_bytes)
+            self.index_ranges = 0
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                if not sizes[lo:hi].any():
+                    continue  # nothing indexed in these lists: no candidates
+                self.index_ranges += 1
+                lists = faiss.ArrayInvertedLists(nlist, ivf.code_size)
+                ivf.replace_invlists(lists, True)  # the index owns (and frees) it from here
+                lists.this.disown()
+                ivf.ntotal = 0
+                for offset, load, (assign_path, _, _) in files:
+                    assign = np.load(assign_path)
+                    rows = np.flatnonzero((assign >= lo) & (assign < hi))
+                    if len(rows):
+                        ids = rows.astype(np.int64) + offset  # held here: add_preassigned passes only a pointer
+                        keys = assign[rows].astype(np.int64)
+                        add_preassigned(ivf, self._check(load()[rows]), keys, ids=ids)
+                        del ids, keys
+                for offset, load, (_, probes_path, coarse_path) in files:
+                    probes = np.load(probes_path, mmap_mode="r")
+                    inside = (probes >= lo) & (probes < hi)
+                    rows = np.flatnonzero(inside.any(axis=1))
+                    if not len(rows):
+                        continue
+                    keys = np.where(inside[rows], probes[rows], -1).astype(np.int64)
+                    coarse = np.ascontiguousarray(np.load(coarse_path, mmap_mode="r")[rows])
+                    del inside, probes
+                    lims, sims, found = range_search_preassigned(ivf, self._check(load()[rows]), radius, keys, coarse)
+                    keep = sims >= cut
+                    query_rows = rows[_rows_of_range_result(lims)[keep]]
+                    p, s = _upper_pairs(query_rows, found[keep], offset, sims[keep])
+                    pairs_out.append(p)
+                    sims_out.append(s)
+                logger.info("IVF lists %d..%d: %d vectors indexed", lo, hi - 1, int(sizes[lo:hi].sum()))
+            empty = faiss.ArrayInvertedLists(nlist, ivf.code_size)  # leave the index empty
+            ivf.replace_invlists(empty, True)
+            empty.this.disown()
+            ivf.ntotal = 0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        pairs = np.concatenate([_empty_edges(), *pairs_out])
+        sims = np.concatenate([np.zeros(0, np.float32), *sims_out])
+        order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+        return (pairs[order], sims[order]) if with_similarity else pairs[order]

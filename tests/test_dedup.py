@@ -21,6 +21,7 @@ from realsyn.dedup import (
     group_representatives,
     hamming_edges,
     hamming_edges_brute_force,
+    ivf_list_ranges,
     mih_chunks,
     normalize_text,
     perceptual_hash,
@@ -444,6 +445,97 @@ def test_sq8_candidates_cover_the_exact_edges_and_verify_to_them():
     assert pairs[exact >= np.float32(threshold)].tolist() == want
     flat = SemanticIndex(16, threshold, use_gpu="never")
     assert not flat.approximate and flat.margin == 0.0 and flat.nlist == 0
+
+
+def test_ivf_list_ranges_cut_contiguous_lists_within_the_budget():
+    # entry bytes per list: 6, 0, 10, 2, 20, 0, 4 with a budget of 12
+    bounds = ivf_list_ranges([3, 0, 5, 1, 10, 0, 2], 2, 12)
+    assert bounds.tolist() == [0, 2, 4, 5, 7]  # list 4 (20 bytes) is over the budget: a range of its own
+    assert ivf_list_ranges([3, 0, 5], 2, 10**9).tolist() == [0, 3]
+    assert ivf_list_ranges([3, 0, 5], 2, 1).tolist() == [0, 1, 2, 3]
+    assert ivf_list_ranges([], 2, 5).tolist() == [0]
+    with pytest.raises(ValueError, match="max_bytes"):
+        ivf_list_ranges([1], 2, 0)
+
+
+def _shards_of(x: np.ndarray, size: int):
+    return [(o, (lambda o=o: x[o : o + size])) for o in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize(
+    "factory, nprobe",
+    [("IVF24,Flat", 3), ("IVF24,SQ8", 3), ("IVF24_HNSW32,SQ8", 3), ("IVF24,Flat", 24), ("IVF24,SQ8", 24)],
+)
+def test_partitioned_edges_equal_one_global_index_and_clean_up(tmp_path, factory, nprobe):
+    import faiss
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2400, 16)).astype(np.float32)
+    x[1600:1900] = x[:300] + rng.normal(scale=0.15, size=(300, 16)).astype(np.float32)  # across shards
+    x[500:520] = x[400:420] + rng.normal(scale=0.1, size=(20, 16)).astype(np.float32)  # inside shard 0
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    threshold, shards = 0.9, _shards_of(x, 800)
+    whole = SemanticIndex(16, threshold, index_factory=factory, use_gpu="never", nprobe=nprobe)
+    whole.train(x)
+    for _, load in shards:
+        whole.add(load())
+    want = [whole.edges(load(), o, with_similarity=True) for o, load in shards]
+    want_pairs, want_sims = np.concatenate([w[0] for w in want]), np.concatenate([w[1] for w in want])
+    assert len(want_pairs) > 250
+    ivf = faiss.extract_index_ivf(whole._index)
+    entry, sizes = int(ivf.code_size) + 8, np.array([ivf.invlists.list_size(k) for k in range(24)])
+    assert (sizes > 0).all() and sizes.sum() == len(x)
+    quarter = len(x) * entry // 4
+    bounds = ivf_list_ranges(sizes, entry, quarter)
+    assert len(bounds) - 1 >= 4 and max(sizes[a:b].sum() * entry for a, b in zip(bounds[:-1], bounds[1:])) <= quarter
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    for budget, ranges in [(quarter, len(bounds) - 1), (1, 24)]:  # a budget under one list: one list per range
+        part = SemanticIndex(16, threshold, index_factory=factory, use_gpu="never", nprobe=nprobe)
+        part.train(x)
+        pairs, sims = part.partitioned_edges(shards, budget, with_similarity=True, spill_dir=str(spill))
+        # exactly the same candidates and (index) similarities, each pair once
+        assert pairs.tolist() == want_pairs.tolist() and np.array_equal(sims, want_sims)
+        assert part.index_ranges == ranges
+        assert part.ntotal == 0 and list(spill.iterdir()) == []  # the index is left empty, the spill removed
+    if nprobe == 24:  # every list probed: the (verified) pairs are brute force's
+        exact = rowwise_dot(x[pairs[:, 0]], x[pairs[:, 1]]) >= np.float32(threshold)
+        assert pairs[exact].tolist() == _brute_semantic(x, threshold)
+
+
+def test_partitioned_edges_refuses_what_it_cannot_partition():
+    x = _planted_vectors()
+    flat = SemanticIndex(16, 0.9, use_gpu="never")
+    assert not flat.partitionable
+    with pytest.raises(ValueError, match="plain IVF index"):
+        flat.partitioned_edges(_shards_of(x, 100), 1000)
+    pretransform = SemanticIndex(16, 0.9, index_factory="PCA8,IVF4,Flat", use_gpu="never", nprobe=4)
+    assert pretransform.nlist == 4 and not pretransform.partitionable
+    ivf = SemanticIndex(16, 0.9, index_factory="IVF4,Flat", use_gpu="never", nprobe=4)
+    assert ivf.partitionable
+    with pytest.raises(RuntimeError, match="trained"):
+        ivf.partitioned_edges(_shards_of(x, 100), 1000)
+    ivf.train(x)
+    ivf.add(x)
+    with pytest.raises(RuntimeError, match="empty"):
+        ivf.partitioned_edges(_shards_of(x, 100), 1000)
+
+
+def test_partitioned_edges_removes_its_spill_when_a_shard_fails(tmp_path):
+    x = _planted_vectors()
+    index = SemanticIndex(16, 0.9, index_factory="IVF4,Flat", use_gpu="never", nprobe=4)
+    index.train(x)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:  # spilled (1), added (2), then fails in the query pass
+            raise OSError("shard unreadable")
+        return x[150:]
+
+    with pytest.raises(OSError, match="unreadable"):
+        index.partitioned_edges([(0, lambda: x[:150]), (150, failing)], 10**9, spill_dir=str(tmp_path))
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
 
 
 def test_popcount64_with_and_without_numpy_bitwise_count(monkeypatch):

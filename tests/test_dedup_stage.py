@@ -210,3 +210,86 @@ def test_sentence_dedup_first_occurrence_represents_across_shards(tmp_path):
     # exact text edges off: the identical pair still joins through its normalised key and is named exact
     dedup_sentences(storage, ["a", "b"], exact=False, semantic_threshold=None)
     assert decisions("b")["b1"] == (False, "a1", "exact_duplicate")
+
+
+def _planted_image_corpus(storage, n_shards=3, per=800, dim=16):
+    """Random unit vectors; 0.97 pairs (edges) and 0.94 pairs (SQ8 candidates to reject), across and inside shards."""
+    rng = np.random.default_rng(11)
+    n = n_shards * per
+    x = rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    planted = [(i, i + per + 7, 0.97) for i in range(0, 60)]  # shard 0 -> 1
+    planted += [(i, i + per + 5, 0.97) for i in range(per + 100, per + 140)]  # shard 1 -> 2
+    planted += [(i, i + 3, 0.97) for i in range(2 * per + 500, 2 * per + 520, 4)]  # inside shard 2
+    planted += [(i, i + 2 * per, 0.94) for i in range(300, 330)]  # shard 0 -> 2, rejected
+    for i, j, c in planted:
+        x[j] = _pair_partner(x[i], c, rng)
+    for k in range(n_shards):
+        rows = range(k * per, (k + 1) * per)
+        _write_shard(storage, f"s{k}", [f"i{i}" for i in rows], x[rows], [f"h{i}" for i in rows], [0] * per, list(rows))
+    return [f"s{k}" for k in range(n_shards)], n
+
+
+def test_semantic_dedup_in_ivf_list_ranges_equals_one_index_and_brute_force(tmp_path, monkeypatch):
+    import tempfile
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))  # where the probes are spilled
+    storage = Storage(str(tmp_path / "root"))
+    shards, n = _planted_image_corpus(storage)
+
+    def run(**kw):
+        stats = dedup_images(storage, shards, perceptual_max_distance=None, **kw)
+        return stats.as_dict(), [_decisions(storage, s) for s in shards]
+
+    flat, flat_decisions = run(index_factory="Flat")
+    assert flat["semantic_edges"] == 105 and flat["dropped_semantic_duplicate"] == 105
+    # factory, nprobe, bytes per stored vector (code + 8-byte id), ranges at a quarter of the index
+    for factory, nprobe, entry, quarter_ranges in [
+        ("IVF24,SQ8", 24, 16 + 8, 5),
+        ("IVF24,Flat", 24, 64 + 8, 5),
+        ("IVF24_HNSW32,SQ8", 3, 24, 5),
+    ]:
+        one, one_decisions = run(index_factory=factory, nprobe=nprobe)
+        assert "semantic_index_ranges" not in one
+        # a quarter of the index; 1e-9 GiB: under one list, one list per range
+        for max_index_gb, ranges in [(n * entry / 4 / 2**30, quarter_ranges), (1e-9, 24)]:
+            part, part_decisions = run(index_factory=factory, nprobe=nprobe, max_index_gb=max_index_gb)
+            assert part_decisions == one_decisions
+            assert part.pop("semantic_index_ranges") == ranges
+            assert {k: v for k, v in part.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
+            assert list(spill.iterdir()) == []
+        if nprobe == 24:  # every list probed: brute force's decisions
+            assert one_decisions == flat_decisions and one["semantic_edges"] == 105
+            if factory.endswith("SQ8"):
+                assert one["semantic_candidates"] == 135 and one["semantic_rejected"] == 30
+
+
+def test_sentence_dedup_with_an_index_budget_matches_one_index(tmp_path):
+    from realsyn.stages.dedup import dedup_sentences
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1200, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for i in range(0, 1200, 40):
+        x[(i + 601) % 1200] = _pair_partner(x[i], 0.98, rng)
+    storage = Storage(str(tmp_path))
+    for k in range(3):
+        rows = range(400 * k, 400 * k + 400)
+        _write_sentences(storage, f"t{k}", [f"t{i}" for i in rows], [f"sentence {i}" for i in rows], x[rows])
+
+    def decisions():
+        return [storage.reader(layout.SENTENCE_DEDUP).read_parquet(layout.decisions_file(f"t{k}")).to_pylist() for k in range(3)]
+
+    one = dedup_sentences(storage, ["t0", "t1", "t2"], index_factory="IVF16,SQ8", nprobe=16).as_dict()
+    want = decisions()
+    part = dedup_sentences(storage, ["t0", "t1", "t2"], index_factory="IVF16,SQ8", nprobe=16, max_index_gb=1200 * 16 / 3 / 2**30).as_dict()
+    assert decisions() == want
+    assert part.pop("semantic_index_ranges") == 4  # a third of the index per range, cut at list bounds
+    assert {k: v for k, v in part.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
+    # 30 planted pairs and 28 chance pairs of 8-dimensional vectors; 72 SQ8 candidates rejected
+    assert (one["semantic_edges"], one["semantic_candidates"], one["dropped_semantic_duplicate"]) == (58, 130, 58)
+    # Flat is not an IVF index: the budget does not apply, one index
+    flat = dedup_sentences(storage, ["t0", "t1", "t2"], index_factory="Flat", max_index_gb=1e-9).as_dict()
+    assert "semantic_index_ranges" not in flat and flat["semantic_edges"] == 58

@@ -4,8 +4,10 @@ Columnar end to end: a global step holds numpy arrays only, never a Python objec
 Exact keys (sha256, sha1 of the text and of its normalised form) become 16-byte keys and one sort
 gives the exact groups; pHashes (8 bytes) go through multi-index hashing; the semantic index is
 global and queried shard by shard (IVF-SQ8 when large, every kept edge verified by the exact inner
-product). Components are found over the nodes the edges touch only, priorities (image pixels) and
-ids are read back per shard for those nodes only. Output: per shard ``decisions/{shard}.parquet``
+product), or, with ``max_index_gb``, built one contiguous range of IVF lists at a time within that
+budget (the same edges in bounded memory; ``_semantic_edges``). Components are found over the
+nodes the edges touch only, priorities (image pixels) and ids are read back per shard for those
+nodes only. Output: per shard ``decisions/{shard}.parquet``
 (``realsyn.decisions``; detail: the representative's id) in one global generation.
 """
 
@@ -112,15 +114,28 @@ def _verify(corpus: _Corpus, pairs: np.ndarray, threshold: float) -> np.ndarray:
     return np.concatenate(kept) if kept else np.zeros((0, 2), np.int64)
 
 
-def _semantic_edges(corpus: _Corpus, threshold: float, index_factory: str, nprobe: int, stats: StepStats) -> np.ndarray:
-    """Pairs with cosine >= threshold: one global index, queried shard by shard. With approximate
-    codes (SQ8) the index yields candidates at threshold - margin and every one is verified by the
-    exact inner product: in-shard pairs against the query shard, the rest in one gather pass."""
+def _semantic_edges(
+    corpus: _Corpus, threshold: float, index_factory: str, nprobe: int, stats: StepStats, max_index_gb: float | None = None
+) -> np.ndarray:
+    """Pairs with cosine >= threshold. With approximate codes (SQ8) the index yields candidates at
+    threshold - margin and every one is verified by the exact inner product.
+
+    ``max_index_gb`` None: one global index, queried shard by shard (on GPU where faiss sees one);
+    in-shard candidates are verified against the query shard, the rest in one gather pass.
+    ``max_index_gb`` set and an IVF index: ``SemanticIndex.partitioned_edges`` on CPU, the IVF lists
+    cut into contiguous ranges whose codes + ids fit the budget (GiB), one range in memory at a time:
+    exactly the same edges, for one pass over the shards plus up to two per range (counted in
+    ``semantic_index_ranges``). Any other index ("Flat": "auto" below AUTO_FLAT_BELOW vectors; a
+    pre-transform before the IVF) is never partitioned: it runs as the one index whatever the budget."""
     from realsyn.dedup import SemanticIndex, auto_index_factory, rowwise_dot
 
     dim = int(corpus.model_info()["dim"])
     factory = auto_index_factory(corpus.n) if index_factory == "auto" else index_factory
-    index = SemanticIndex(dim, threshold, index_factory=factory, nprobe=nprobe)
+    index = SemanticIndex(dim, threshold, index_factory=factory, nprobe=nprobe, use_gpu="auto" if max_index_gb is None else "never")
+    partitioned = max_index_gb is not None and index.partitionable
+    if max_index_gb is not None and not partitioned:
+        log.info("%s: %s is not a plain IVF index; max_index_gb does not apply, one index", corpus.asset, factory)
+        index = SemanticIndex(dim, threshold, index_factory=factory, nprobe=nprobe)  # on GPU where faiss sees one, as without a budget
     if not index.is_trained:
         from realsyn.clustering import ReservoirSample
 
@@ -128,22 +143,33 @@ def _semantic_edges(corpus: _Corpus, threshold: float, index_factory: str, nprob
         for s, _, _ in corpus.ranges():
             sample.add(np.asarray(corpus.embeddings(s)))
         index.train(sample.array())
-    for s, _, _ in corpus.ranges():
-        index.add(np.asarray(corpus.embeddings(s), dtype=np.float32))
+        del sample  # the training reservoir is not held while the index is built
     edges, pending, candidates = [], [], 0
-    for s, lo, hi in track(
-        list(corpus.ranges()), f"{corpus.asset}: semantic queries", total=corpus.n, unit="vectors", size=lambda r: r[2] - r[1]
-    ):
-        q = np.asarray(corpus.embeddings(s), dtype=np.float32)
-        found = index.edges(q, lo)
-        if not index.approximate:
+    if partitioned:
+        shards = [(lo, lambda s=s: corpus.embeddings(s)) for s, lo, _ in corpus.ranges()]
+        found = index.partitioned_edges(shards, int(max_index_gb * 2**30))
+        stats.add("semantic_index_ranges", index.index_ranges)
+        if index.approximate:
+            candidates = len(found)
+            pending.append(found)
+        else:
             edges.append(found)
-            continue
-        candidates += len(found)
-        inside = found[:, 1] < hi
-        local = found[inside] - lo
-        edges.append(found[inside][rowwise_dot(q[local[:, 0]], q[local[:, 1]]) >= np.float32(threshold)])
-        pending.append(found[~inside])
+    else:
+        for s, _, _ in corpus.ranges():
+            index.add(np.asarray(corpus.embeddings(s), dtype=np.float32))
+        for s, lo, hi in track(
+            list(corpus.ranges()), f"{corpus.asset}: semantic queries", total=corpus.n, unit="vectors", size=lambda r: r[2] - r[1]
+        ):
+            q = np.asarray(corpus.embeddings(s), dtype=np.float32)
+            found = index.edges(q, lo)
+            if not index.approximate:
+                edges.append(found)
+                continue
+            candidates += len(found)
+            inside = found[:, 1] < hi
+            local = found[inside] - lo
+            edges.append(found[inside][rowwise_dot(q[local[:, 0]], q[local[:, 1]]) >= np.float32(threshold)])
+            pending.append(found[~inside])
     if pending:
         edges.append(_verify(corpus, np.concatenate(pending), threshold))
     out = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
@@ -153,7 +179,14 @@ def _semantic_edges(corpus: _Corpus, threshold: float, index_factory: str, nprob
         stats.add("semantic_rejected", candidates - len(out))
     if index.saturated_queries:
         stats.add("semantic_saturated_queries", index.saturated_queries)
-    log.info("semantic dedup of %s: %s over %d vectors, %d edges", corpus.asset, factory, corpus.n, len(out))
+    log.info(
+        "semantic dedup of %s: %s over %d vectors, %d edges%s",
+        corpus.asset,
+        factory,
+        corpus.n,
+        len(out),
+        f", {index.index_ranges} list ranges of <= {max_index_gb} GiB" if partitioned else "",
+    )
     return out
 
 
@@ -219,6 +252,7 @@ def dedup_images(
     semantic_on_random_weights: bool = False,
     index_factory: str = "auto",
     nprobe: int = 16,
+    max_index_gb: float | None = None,
 ) -> StepStats:
     from realsyn.dedup import first_of, group_representatives, hamming_edges, popcount64
 
@@ -233,7 +267,7 @@ def dedup_images(
             edges.append(hamming_edges(phash, perceptual_max_distance, all_pairs=False))
         threshold = _semantic_threshold(corpus, semantic_threshold, semantic_on_random_weights)
         if threshold is not None:
-            edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats))
+            edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats, max_index_gb))
         all_edges = _concat(edges)
         # the largest image of a duplicate group represents it (ties: the first)
         reps = group_representatives(all_edges, priority=lambda nodes: corpus.take("pixels", nodes).to_numpy(zero_copy_only=False))
@@ -260,6 +294,7 @@ def dedup_sentences(
     semantic_on_random_weights: bool = False,
     index_factory: str = "auto",
     nprobe: int = 16,
+    max_index_gb: float | None = None,
 ) -> StepStats:
     from realsyn.dedup import first_of, group_representatives
 
@@ -272,7 +307,7 @@ def dedup_sentences(
         edges = [e for e, on in ((sha_edges, exact), (norm_edges, normalized)) if on]
         threshold = _semantic_threshold(corpus, semantic_threshold, semantic_on_random_weights)
         if threshold is not None:
-            edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats))
+            edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats, max_index_gb))
         all_edges = _concat(edges)
         reps = group_representatives(all_edges)  # the first occurrence represents its group
 
