@@ -11,7 +11,7 @@ the samplers write them. Then, in one run:
 - old: ``export_splits_single_process`` (what the exported_splits asset ran before): per split, every
   shard's images re-read, one Python row per sample, tars cut across shards;
 - new: ``export_shard`` for every shard (what exported_shards runs per partition: the shard's images
-  streamed once in batches of 256 rows, every split written from each batch), then
+  streamed once in batches of 1,024 rows, every split written from each batch), then
   ``publish_splits`` (what exported_splits now runs: copies the tars and Parquet tables into one
   folder per split), timed apart;
 - new, one split only (the 100/168 one): the same per-shard step with nothing shared between splits,

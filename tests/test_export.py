@@ -10,7 +10,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from realsyn.export import make_sample, safe_key, samples_to_parquet_table, training_caption, write_webdataset
+from realsyn.export import make_sample, normalize_image, safe_key, samples_to_parquet_table, training_caption, write_webdataset
+from realsyn.image_db import UndecodableImageError
 from realsyn.stats import StepStats
 
 FORMATS = [("JPEG", "jpeg"), ("PNG", "png"), ("WEBP", "webp"), ("BMP", "bmp"), ("TIFF", "tiff")]
@@ -188,6 +189,7 @@ from realsyn.export import (  # noqa: E402
     SplitOutput,
     TarStream,
     _add_member,
+    member_headers,
     reference_samples,
     tar_header,
     tar_headers,
@@ -281,6 +283,91 @@ def test_tar_headers_column_wise_equal_one_by_one():
     assert tar_headers(names, sizes) == [tar_header(n, s) for n, s in zip(names, sizes)]
     with pytest.raises(ValueError, match="needs a pax header"):
         tar_headers([b"k" * 101], [1])
+
+
+def test_member_headers_equal_tar_header_one_by_one_and_refuse_names_over_100_bytes():
+    keys = [b"a", b"k" * 90, safe_key("doc.1/x#2").encode()]
+    suffixes = ["jpg", "json", "real0.txt", "txt"]
+    sizes = np.array([[0, 1, 511, 512], [35_000, 8**11 - 1, 0, 7], [1, 2, 3, 10_240]])
+    want = [tar_header(k + b"." + s.encode(), int(sizes[i, j])) for i, k in enumerate(keys) for j, s in enumerate(suffixes)]
+    assert member_headers(keys, suffixes, sizes) == b"".join(want)
+    assert len(b"k" * 90 + b".real0.txt") == 100  # the longest name a plain ustar header holds: written as is
+    # one byte more needs a pax header, which the column-wise writer does not write: it refuses (safe_key's
+    # keys are at most 81 bytes, so an export never gets there); write_webdataset (tarfile) writes one
+    with pytest.raises(ValueError, match="needs a pax header"):
+        member_headers([b"k" * 91], ["real0.txt"], np.array([[1]]))
+    with pytest.raises(ValueError, match="needs a pax header"):
+        member_headers([b"k"], ["json"], np.array([[8**11]]))
+    assert member_headers([], suffixes, np.zeros((0, 4))) == b""
+
+
+def _tar_members(paths) -> list[tuple[str, bytes]]:
+    out = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            out += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return out
+
+
+def _wds_samples(paths) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)]
+
+
+def test_shard_samples_tars_read_back_with_tarfile_and_webdataset(tmp_path):
+    images, retrievals, captions = _shard_tables("s1", 30, seed=4)
+    chosen = images.column("image_id").to_pylist()[::2]
+    texts, sentence_ids = retrievals.column("texts").to_pylist(), retrievals.column("sentence_ids").to_pylist()
+    row = retrievals.column("image_id").to_pylist().index
+    texts[row(chosen[0])], sentence_ids[row(chosen[1])] = [None, "a real text after a null"], None  # a null text, no sentence ids
+    retrievals = retrievals.set_column(1, "sentence_ids", pa.array(sentence_ids, pa.list_(pa.string())))
+    retrievals = retrievals.set_column(2, "texts", pa.array(texts, pa.list_(pa.string())))
+    sizes, tars, _, stats = _export(images, retrievals, captions, {"a": pa.array(chosen, pa.string())}, 8)["a"]
+    paths = []
+    for name, blob in tars.items():
+        (tmp_path / name).write_bytes(blob)
+        paths.append(tmp_path / name)
+    # what the members must be: the reference samples through make_sample, one member at a time
+    ref = {s["json"]["image_id"]: s for s in reference_samples("s1", images, retrievals, captions, chosen)}
+    want = []
+    kept = []
+    for image_id in chosen:
+        sample = ref[image_id]
+        try:
+            image, _ = normalize_image(sample["image_bytes"], sample["image_format"])
+        except UndecodableImageError:
+            continue
+        if not sample["image_bytes"] or not sample["txt"]:
+            continue
+        key, meta, real = sample["key"], sample["json"], sample["json"]["real_texts"]
+        members = {
+            "jpg": image,
+            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+            **{f"real{j}.txt": (real[j] or "").encode() if j < len(real) else b"" for j in range(3)},
+            "txt": sample["txt"].encode(),
+        }
+        want += [(f"{key}.{suffix}", data) for suffix, data in members.items()]
+        kept.append(dict(members, __key__=key))
+    assert sum(sizes.values()) == len(kept) == stats.counts["samples_written"] == 12 and len(sizes) == 3
+    assert ref[chosen[0]]["json"]["real_texts"][0] is None and ref[chosen[1]]["json"]["real_sentence_ids"] is None
+    assert (
+        kept[0]["real0.txt"] == b""
+        and kept[0]["real1.txt"] == b"a real text after a null"
+        and b'"real_sentence_ids": null' in kept[1]["json"]
+    )
+    assert _tar_members(paths) == want  # Python's tarfile: every member, its name and bytes, in order
+    assert _wds_samples(paths) == kept  # webdataset: the same samples, grouped by key
+    with tarfile.open(paths[0]) as tar:
+        assert all(m.isreg() and m.mode == 0o644 and m.mtime == 0 and m.uid == m.gid == 0 for m in tar.getmembers())
+
+
+def test_webdataset_writer_keeps_a_key_over_100_bytes_in_a_pax_header(tmp_path):
+    sample = dict(_samples()[0], key="k" * 120)  # f"{key}.real0.txt" is 130 bytes: more than a ustar name holds
+    sizes = _write(tmp_path, [sample], per_shard=10)
+    members = _tar_members([tmp_path / name for name in sizes])
+    assert [name for name, _ in members] == [f"{'k' * 120}.{s}" for s in ("jpg", "json", "real0.txt", "real1.txt", "real2.txt", "txt")]
+    (got,) = _wds_samples([tmp_path / name for name in sizes])
+    assert got["__key__"] == "k" * 120 and got["jpg"] == sample["image_bytes"] and got["txt"] == sample["txt"].encode()
+    assert got["real1.txt"] == b"real text 0 b" and got["real2.txt"] == b""
 
 
 def test_gather_file_writes_every_buffer_in_order_and_finishes_short_writes(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ from realsyn.stats import StepStats
 from realsyn.storage import MissingOutputError, PartitionReader, PartitionWriter, Storage
 
 IMAGE_COLUMNS = ["image_id", "image_bytes", "format", "width", "height", "doc_id", "source"]
-IMAGE_BATCH_ROWS = 256  # image rows in memory at once (~9 MB of 35 KB images)
+IMAGE_BATCH_ROWS = 1024  # image rows in memory at once (~36 MB of 35 KB images; fewer per-batch Arrow calls than 256)
 # per-split counters a shard's export reports and the publish step adds up
 SHARD_COUNTS = ("samples_in", "samples_written", "reencoded_images", "reencoded_lossy")
 
