@@ -274,7 +274,12 @@ def test_every_container_is_bounded_and_sized_by_its_profile(step_jobs):
         assert {k: v for k, v in resources["requests"].items() if k != "nvidia.com/gpu"} == p.resources.requests, step
         assert {k: v for k, v in resources["limits"].items() if k != "nvidia.com/gpu"} == p.resources.limits, step
     # the profile tag wins over the code server's own resources (1 CPU, 4Gi) that every pod inherits
-    assert _container(step_jobs["image_dedup"])["resources"]["requests"] == {"cpu": "16", "memory": "200Gi", "ephemeral-storage": "1Ti", "nvidia.com/gpu": "1"}
+    assert _container(step_jobs["image_dedup"])["resources"]["requests"] == {
+        "cpu": "16",
+        "memory": "200Gi",
+        "ephemeral-storage": "1Ti",
+        "nvidia.com/gpu": "1",
+    }
     assert _container(step_jobs["filtered_images"])["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "12Gi"}}  # fmt: skip
 
 
