@@ -394,22 +394,6 @@ def _fill_headers(out: np.ndarray, name_sums: np.ndarray, sizes: np.ndarray) -> 
     out[..., 154] = 0
 
 
-def tar_headers(names: Sequence[bytes], sizes: Sequence[int]) -> list[bytes]:
-    """``[tar_header(name, size) ...]`` computed column-wise (names, sizes, checksums as arrays)."""
-    n = len(names)
-    if not n:
-        return []
-    size = np.asarray(sizes, np.int64)
-    if max(map(len, names)) > 100 or not b"".join(names).isascii() or size.max() >= 8**11:
-        return [tar_header(x, int(y)) for x, y in zip(names, size)]  # raises for the one that needs a pax header
-    out = np.empty((n, tarfile.BLOCKSIZE), np.uint8)
-    out[:] = _HEADER_TEMPLATE
-    out[:, :100] = np.frombuffer(b"".join(x.ljust(100, b"\x00") for x in names), np.uint8).reshape(n, 100)
-    _fill_headers(out, out[:, :100].sum(axis=1, dtype=np.int64), size)
-    blob = out.tobytes()
-    return [blob[k : k + tarfile.BLOCKSIZE] for k in range(0, len(blob), tarfile.BLOCKSIZE)]
-
-
 def member_headers(keys: Sequence[bytes], suffixes: Sequence[str], sizes: np.ndarray) -> bytes:
     """The headers of members ``{key}.{suffix}`` of ``sizes[i, j]`` bytes (keys i, suffixes j): ``tar_header``
     of each, one 512-byte block per (i, j) in row-major order, computed as arrays (a key's bytes summed once)."""

@@ -443,7 +443,7 @@ class _RoundSpill:
         pos = np.fromfile(self._path(r, "pos"), dtype=np.int64) - int(self.round_starts[r])
         if len(pos) != n_pairs:
             raise RuntimeError(f"retrieval spill of round {r} holds {len(pos)} pairs, expected {n_pairs}")
-        step = max(1, ASSIGN_BATCH)
+        step = ASSIGN_BATCH
         with open(self._path(r, "vec"), "rb") as f:
             for s in range(0, len(pos), step):
                 chunk = np.fromfile(f, dtype=np.float32, count=min(step, len(pos) - s) * self.dim)

@@ -192,7 +192,6 @@ from realsyn.export import (  # noqa: E402
     member_headers,
     reference_samples,
     tar_header,
-    tar_headers,
     tar_member,
 )
 from realsyn.stages import export as export_stage  # noqa: E402
@@ -275,14 +274,6 @@ def test_tar_stream_is_byte_identical_to_tarfile(sizes):
         for name, data in members:
             _add_member(tar, name.decode(), data)
     assert ours["a"] == theirs.getvalue()
-
-
-def test_tar_headers_column_wise_equal_one_by_one():
-    names = [b"a.jpg", b"k" * 100, b"x-1.json", b""]
-    sizes = [0, 8**11 - 1, 35_000, 512]
-    assert tar_headers(names, sizes) == [tar_header(n, s) for n, s in zip(names, sizes)]
-    with pytest.raises(ValueError, match="needs a pax header"):
-        tar_headers([b"k" * 101], [1])
 
 
 def test_member_headers_equal_tar_header_one_by_one_and_refuse_names_over_100_bytes():

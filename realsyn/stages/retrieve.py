@@ -63,7 +63,7 @@ class RetrievedTextSpill:
 
         self.dir = tempfile.TemporaryDirectory(prefix="realsyn-retrieved-texts-")
         self.n_shards = len(shard_bounds) - 1
-        k = row_ids.shape[1] if row_ids.ndim == 2 else 1
+        k = row_ids.shape[1]
         flat = row_ids.ravel()
         slots = np.flatnonzero(flat >= 0)  # slot = image * k + rank
         rows = flat[slots]
