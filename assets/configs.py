@@ -6,7 +6,7 @@ against that class's typed ``__init__`` when the config is built, and an error n
 the field.
 """
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import dagster as dg
 from pydantic import Field, field_validator, model_validator
@@ -170,13 +170,17 @@ class SentenceClustersConfig(dg.Config):
     )
     two_level_above: int = Field(
         default=1024,
-        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000).",
+        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000); every row is then assigned through that tree (its 16 nearest coarse cells' centroids, ~17 sqrt(k) products per row instead of k).",
     )
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
     bank_part_rows: int = Field(
         default=1_000_000,
         description="Rows per sentence bank part (a part is what retrieval holds in memory); one cluster larger than this is a part alone.",
+    )
+    bank_dtype: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="Storage of the bank's vectors: float16 halves the bank's bytes (written, read by retrieval, held per part) and retrieval's memory traffic; a score moves by ~1e-5 (under 1e-4 at D=512), so only near-ties can swap. Paper scale: float16.",
     )
 
 
@@ -218,7 +222,7 @@ class ImageClustersConfig(dg.Config):
     )
     two_level_above: int = Field(
         default=1024,
-        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000).",
+        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000); every row is then assigned through that tree (its 16 nearest coarse cells' centroids, ~17 sqrt(k) products per row instead of k).",
     )
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")

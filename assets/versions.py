@@ -40,6 +40,8 @@ CODE_VERSION_TAG = "dagster/code_version"
 
 # Bump an asset's entry when its algorithm changes what it writes: that asset and everything below it go stale.
 ALGORITHM_VERSIONS: dict[str, str] = {key: "1" for key in layout.STAGE_OF if key != layout.SOURCE_DOCUMENTS}
+# 2: rows assigned through the tree of two-level training (coarse_centroids.npy, centroid_cells.npy written beside the centroids)
+ALGORITHM_VERSIONS[layout.SENTENCE_CLUSTERS] = ALGORITHM_VERSIONS[layout.IMAGE_CLUSTERS] = "2"
 
 # The op whose run config feeds an asset, where it is not the asset's own name (a multi-asset).
 CONFIG_OP = {layout.IMAGE_DB: "document_databases", layout.SENTENCE_DB: "document_databases"}

@@ -8,7 +8,7 @@ normalisation, flat or two-level faiss K-means), one ``CentroidIndex``, and ``Se
 parent prints both side by side, then one RESULT line.
 
     python bench/bench_kmeans.py --rows 500000,2000000 --dim 128
-    python bench/bench_kmeans.py --assignment 2380,9524   # CentroidIndex regimes vs the exact scan
+    python bench/bench_kmeans.py --assignment 2333,9332   # CentroidIndex regimes (tree, cells, hnsw) vs the exact scan
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def child(args) -> dict:
         out["seconds"]["sample"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    centroids, facts = train_on_sample(
+    centroids, tree, facts = train_on_sample(
         batches(),
         args.rows,
         k,
@@ -95,7 +95,7 @@ def child(args) -> dict:
     root = tempfile.mkdtemp(prefix="bench_kmeans_", dir=args.tmp)
     try:
         storage = Storage(root)
-        index = CentroidIndex(centroids)
+        index = CentroidIndex(centroids, tree=tree)
         with storage.writer(layout.SENTENCE_CLUSTERS) as w:
             w.write_numpy(layout.CENTROIDS_FILE, centroids)
             bank = SentenceBankBuilder(w, index, args.bank_part_rows)
@@ -132,37 +132,49 @@ def _corpus(n: int, dim: int, rng, structure: str) -> np.ndarray:
     return l2_normalize(topics[rng.integers(0, len(topics), n)] + 0.05 * rng.standard_normal((n, dim)).astype(np.float32))
 
 
-def bench_assignment(ks: list[int], dim: int, queries: int, seed: int) -> None:
-    """Centroid assignment (n=1) by each CentroidIndex regime against the exact scan: time per query and agreement."""
-    regimes = [("cells", {"exact_up_to": 0, "probe_cells": p}, f"cells probe={p}") for p in (4, 8, 16)]
-    regimes += [("hnsw", {"exact_up_to": 0, "cells_up_to": 0, "ef_search": ef}, f"hnsw ef={ef}") for ef in (32, 64, 128)]
-    for structure in ("uniform", "nested"):
+def bench_assignment(
+    ks: list[int], dim: int, queries: int, seed: int, train_per_centroid: int, probes: list[int], structures: list[str]
+) -> None:
+    """Centroid assignment (n=1) by each CentroidIndex regime against the exact scan: time per query and agreement.
+
+    The centroids are trained as the stages train them above 1,024 (``train_centroid_tree``, ``train_per_centroid``
+    sample rows per centroid); ``tree`` descends that training's own tree, ``cells`` builds cells after the fact.
+    """
+    regimes = [("tree", {"probe_cells": p}, f"tree probe={p}") for p in probes]
+    regimes += [("cells", {"exact_up_to": 0, "probe_cells": p}, f"cells probe={p}") for p in (4, 8)]
+    regimes += [("hnsw", {"exact_up_to": 0, "cells_up_to": 0, "ef_search": ef}, f"hnsw ef={ef}") for ef in (64,)]
+    for structure in structures:
         for k in ks:
-            _assignment_at(k, structure, dim, queries, seed, regimes)
+            _assignment_at(k, structure, dim, queries, seed, train_per_centroid, regimes)
 
 
-def _assignment_at(k: int, structure: str, dim: int, queries: int, seed: int, regimes) -> None:
+def _assignment_at(k: int, structure: str, dim: int, queries: int, seed: int, train_per_centroid: int, regimes) -> None:
     from threadpoolctl import threadpool_limits
 
-    from realsyn.clustering import CentroidIndex, train_kmeans_two_level
+    from realsyn.clustering import CentroidIndex, train_centroid_tree
 
     with threadpool_limits(limits=1):  # per-core figures, as bench_scale's steps run
         rng = np.random.default_rng(seed)
-        centroids = train_kmeans_two_level(_corpus(30 * k, dim, rng, structure), k, niter=10, seed=seed, use_gpu="never")
+        centroids, tree = train_centroid_tree(_corpus(train_per_centroid * k, dim, rng, structure), k, niter=10, seed=seed, use_gpu="never")
         q = _corpus(queries, dim, rng, structure)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         want, want_scores = CentroidIndex(centroids, use_gpu="never").search(q, 1)
-        exact_us = 1e6 * (time.perf_counter() - t0) / queries
-        print(f"RESULT assign data={structure} k={k} regime=exact us_per_query={exact_us:.1f} agreement=1.0000", flush=True)
+        exact_us, exact_cpu = (1e6 * (time.perf_counter() - t0) / queries, 1e6 * (time.process_time() - c0) / queries)
+        print(
+            f"RESULT assign data={structure} k={k} coarse={len(tree.coarse)} regime=exact us_per_query={exact_us:.1f} "
+            f"cpu_us_per_query={exact_cpu:.1f} agreement=1.0000 mean_cosine_lost=0.00000",
+            flush=True,
+        )
         for mode, params, label in regimes:
-            index = CentroidIndex(centroids, use_gpu="never", **params)
+            index = CentroidIndex(centroids, use_gpu="never", tree=tree if mode == "tree" else None, **params)
             assert index.mode == mode
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             got, got_scores = index.search(q, 1)
-            us = 1e6 * (time.perf_counter() - t0) / queries
+            us, cpu = 1e6 * (time.perf_counter() - t0) / queries, 1e6 * (time.process_time() - c0) / queries
             print(
-                f"RESULT assign data={structure} k={k} regime={label.replace(' ', '_')} us_per_query={us:.1f} "
-                f"agreement={np.mean(got[:, 0] == want[:, 0]):.4f} mean_score_loss={np.mean(want_scores - got_scores):.5f}",
+                f"RESULT assign data={structure} k={k} coarse={len(tree.coarse)} regime={label.replace(' ', '_')} us_per_query={us:.1f} "
+                f"cpu_us_per_query={cpu:.1f} agreement={np.mean(got[:, 0] == want[:, 0]):.4f} "
+                f"mean_cosine_lost={np.mean(want_scores[:, 0] - got_scores[:, 0]):.5f}",
                 flush=True,
             )
 
@@ -175,6 +187,11 @@ def main() -> None:
         help="instead: centroid assignment regimes vs the exact scan at these K, comma-separated (e.g. 2380,9524 = 1M and 4M sentences)",
     )
     ap.add_argument("--queries", type=int, default=40_000, help="queries of --assignment")
+    ap.add_argument("--probes", default="1,2,4,8,16", help="--assignment: probed coarse cells of the tree regime, comma-separated")
+    ap.add_argument("--structures", default="uniform,nested", help="--assignment: corpora (uniform = bench_scale's, nested)")
+    ap.add_argument(
+        "--train-per-centroid", type=int, default=128, help="--assignment: training rows per centroid (bench_scale 1M: 300k / 2,333 = 128)"
+    )
     ap.add_argument("--rows", default="500000,2000000", help="corpus sizes, comma-separated (each in its own subprocess)")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--clusters", type=int, default=0, help="K (default: rows / 420, as the stage)")
@@ -193,7 +210,15 @@ def main() -> None:
         import faiss
 
         faiss.omp_set_num_threads(1)
-        bench_assignment([int(k) for k in args.assignment.split(",")], args.dim, args.queries, args.seed)
+        bench_assignment(
+            [int(k) for k in args.assignment.split(",")],
+            args.dim,
+            args.queries,
+            args.seed,
+            args.train_per_centroid,
+            [int(p) for p in args.probes.split(",")],
+            args.structures.split(","),
+        )
         return
     if args.child:
         args.rows = int(args.rows)

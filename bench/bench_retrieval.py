@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from realsyn.bank_encoding import BANK_DTYPES, encode_bank
 from realsyn.clustering import CentroidIndex, ReservoirSample, cluster_order, train_kmeans
 from realsyn.retrieval import BankLayout, cluster_ordered_search
 from realsyn.runtime import l2_normalize
@@ -92,6 +93,12 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=50_000, help="rows per streamed shard (sentences and images)")
     ap.add_argument("--exact-images", type=int, default=5_000, help="images searched exactly for recall (a random subset)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of IVF and ours; the best counts")
+    ap.add_argument(
+        "--bank-dtype",
+        choices=BANK_DTYPES,
+        default="float32",
+        help="how our bank parts are stored (sentence_clusters' bank_dtype); exact and IVF keep float32",
+    )
     args = ap.parse_args()
 
     import faiss
@@ -118,7 +125,7 @@ def main() -> None:
     bounds = np.linspace(0, n_clusters, max(1, min(args.bank_parts, n_clusters)) + 1).astype(np.int64)
     part_of = np.searchsorted(bounds, np.arange(n_clusters), side="right") - 1
     layout = BankLayout(part_of, offsets[:-1] - offsets[bounds[part_of]], offsets[1:] - offsets[bounds[part_of]])
-    parts = [bank[offsets[bounds[p]] : offsets[bounds[p + 1]]] for p in range(len(bounds) - 1)]
+    parts = [encode_bank(bank[offsets[bounds[p]] : offsets[bounds[p + 1]]], args.bank_dtype) for p in range(len(bounds) - 1)]
     sizes = np.diff(offsets)
 
     # exact, on a subset of images when there are many
@@ -138,6 +145,15 @@ def main() -> None:
     ivf.add_core(len(bank), faiss.swig_ptr(bank), faiss.swig_ptr(row_ids), faiss.swig_ptr(list_of_row))
     ivf.nprobe = args.nprobe
     t_ivf, (_, ivf_ids) = best_time(lambda: ivf.search(images, k), args.repeat)
+
+    # a reference only: faiss IVF over the same lists with float16 codes (what our float16 bank stores)
+    ivf_sq = faiss.IndexIVFScalarQuantizer(
+        quantizer, args.dim, n_clusters, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False
+    )
+    ivf_sq.is_trained = True
+    ivf_sq.add_core(len(bank), faiss.swig_ptr(bank), faiss.swig_ptr(row_ids), faiss.swig_ptr(list_of_row))
+    ivf_sq.nprobe = args.nprobe
+    t_ivf_sq, (_, ivf_sq_ids) = best_time(lambda: ivf_sq.search(images, k), args.repeat)
 
     # ours: the function the retrievals asset calls, images streamed in shard-sized batches
     def image_batches():
@@ -180,6 +196,9 @@ def main() -> None:
     print(f"{'method':<12}{'s':>9}{'images/s':>12}{'distances/img':>15}{'recall@' + str(k):>10}")
     print(f"{'exact':<12}{t_exact:>9.3f}{len(sub) / t_exact:>12.0f}{len(bank):>15.0f}{1.0:>10.4f}")
     print(f"{'faiss IVF':<12}{t_ivf:>9.3f}{args.images / t_ivf:>12.0f}{bank_dist + n_clusters:>15.0f}{recall_ivf:>10.4f}")
+    print(
+        f"{'IVF fp16':<12}{t_ivf_sq:>9.3f}{args.images / t_ivf_sq:>12.0f}{bank_dist + n_clusters:>15.0f}{recall_at_k(ivf_sq_ids[sub], exact_ids):>10.4f}"
+    )
     print(f"{'ours':<12}{t_ours:>9.3f}{args.images / t_ours:>12.0f}{our_dist:>15.0f}{recall_ours:>10.4f}")
     print("ours, seconds by phase: " + ", ".join(f"{name} {v:.3f}" for name, v in res.seconds.items()))
     print(
@@ -191,7 +210,7 @@ def main() -> None:
         f"gflops_search={gflops_search:.1f} search_peak_pct={100 * gflops_search / peak:.1f} "
         f"gflops_all={gflops_all:.1f} all_peak_pct={100 * gflops_all / peak:.1f} assign_s={res.seconds['assign']:.4f} "
         f"peak_gflops={peak:.1f} imgs_per_probed={imgs_per_probed:.2f} threads={t} ours_s={t_ours:.4f} ivf_s={t_ivf:.4f} "
-        f"vs_exact={vs_exact:.1f} load={load_before[0]:.2f}/{load_after[0]:.2f}"
+        f"vs_exact={vs_exact:.1f} bank_dtype={args.bank_dtype} vs_ivf_fp16={t_ivf_sq / t_ours:.2f} load={load_before[0]:.2f}/{load_after[0]:.2f}"
     )
 
 

@@ -9,8 +9,11 @@ Two-level training (``train_kmeans_two_level``) is used above a configurable num
 flat K-means costs ``sample x k x D`` per iteration, which at millions of centroids is out of reach
 even on a GPU; two levels (about ``sqrt(k)`` coarse cells, then each cell's share of the fine
 centroids trained on that cell's rows) cost about ``sample x 2 sqrt(k) x D``. The price is that a
-fine centroid only competes with the centroids of its own cell during training; the final
-assignment is still a search over all k centroids.
+fine centroid only competes with the centroids of its own cell during training. Training keeps its
+tree (``CentroidTree``: the coarse centroids and each fine centroid's cell), and assignment descends
+the same tree (``CentroidIndex(centroids, tree=...)``): a row's ``probe_cells`` nearest coarse
+centroids, then the best fine centroid among their children, about ``(C + probe x k / C) x D`` per
+row instead of ``k x D``, so assignment cost per row grows with sqrt(k), not k.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from realsyn.runtime import faiss_use_gpu, l2_normalize
 
 logger = logging.getLogger(__name__)
 
-# Rows normalised per step by ``normalize_rows_inplace`` (bounds its temporaries).
-_NORMALIZE_CHUNK = 65_536
+# Rows normalised (checked, copied) per step by ``normalize_rows_inplace`` and ``ReservoirSample`` (bounds their temporaries: 4 MiB at D=128).
+_NORMALIZE_CHUNK = 8192
+# Coarse cells a query probes in a ``CentroidIndex`` with a tree. bench/bench_kmeans.py --assignment,
+# bench_scale's corpus (near uniform), k = 2,333 / 9,332 (C = 48 / 97): 0.979 / 0.954 of the rows get
+# the exact scan's centroid (mean cosine lost 0.0003 / 0.0007), 5.4 / 7.8 us per row vs 4.7 / 20.1.
+TREE_PROBE_CELLS = 16
 
 
 class ReservoirSample:
@@ -51,7 +58,9 @@ class ReservoirSample:
         batch = np.asarray(batch, dtype=np.float32)
         if batch.ndim != 2 or batch.shape[1] != self.dim:
             raise ValueError(f"expected a (n, {self.dim}) batch, got shape {batch.shape}")
-        finite = np.isfinite(batch).all(axis=1)
+        finite = np.concatenate(
+            [np.isfinite(batch[i : i + _NORMALIZE_CHUNK]).all(axis=1) for i in range(0, len(batch), _NORMALIZE_CHUNK)] or [np.ones(0, bool)]
+        )
         if not finite.all():
             self.skipped_nonfinite += int((~finite).sum())
             batch = batch[finite]
@@ -75,7 +84,9 @@ class ReservoirSample:
             # sequential algorithm. np.unique over the reversed hits finds each slot's latest row.
             rev = replace[::-1]
             slot_ids, first = np.unique(slots[rev], return_index=True)
-            self._rows[slot_ids] = batch[rev[first]]
+            src = rev[first]
+            for i in range(0, len(slot_ids), _NORMALIZE_CHUNK):  # bounded temporaries: one chunk of rows gathered at a time
+                self._rows[slot_ids[i : i + _NORMALIZE_CHUNK]] = batch[src[i : i + _NORMALIZE_CHUNK]]
         self.seen += len(batch)
 
     def __len__(self) -> int:
@@ -178,6 +189,37 @@ def allocate_fine(cell_sizes: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+class CentroidTree:
+    """How two-level training grouped its centroids: ``coarse`` float32 (C, D) unit coarse centroids,
+    ``cell`` int32 (k,) each fine centroid's coarse cell (a cell may hold no centroid)."""
+
+    def __init__(self, coarse: np.ndarray, cell: np.ndarray):
+        self.coarse = np.ascontiguousarray(coarse, dtype=np.float32)
+        self.cell = np.ascontiguousarray(cell, dtype=np.int32)
+        if self.coarse.ndim != 2 or len(self.coarse) == 0 or self.cell.ndim != 1:
+            raise ValueError(f"need (C, D) coarse centroids and a 1-D cell array, got {self.coarse.shape}, {self.cell.shape}")
+        if len(self.cell) and (self.cell.min() < 0 or self.cell.max() >= len(self.coarse)):
+            raise ValueError(f"centroid cells must lie in [0, {len(self.coarse)})")
+
+    def save(self, writer) -> None:
+        """``coarse_centroids.npy`` and ``centroid_cells.npy`` through a storage writer (plain .npy, no pickle)."""
+        writer.write_numpy(COARSE_CENTROIDS_FILE, self.coarse)
+        writer.write_numpy(CENTROID_CELLS_FILE, self.cell)
+
+    @classmethod
+    def load(cls, reader) -> CentroidTree | None:
+        """The tree saved by ``save`` next to the centroids, None when there is none (flat training)."""
+        if not (reader.has(COARSE_CENTROIDS_FILE) and reader.has(CENTROID_CELLS_FILE)):
+            return None
+        return cls(np.asarray(reader.read_numpy(COARSE_CENTROIDS_FILE)), np.asarray(reader.read_numpy(CENTROID_CELLS_FILE)))
+
+
+# Files of a two-level training's tree, next to centroids.npy in the cluster assets' outputs.
+CENTROIDS_FILE = "centroids.npy"  # = layout.CENTROIDS_FILE
+COARSE_CENTROIDS_FILE = "coarse_centroids.npy"
+CENTROID_CELLS_FILE = "centroid_cells.npy"
+
+
 def train_kmeans_two_level(
     sample: np.ndarray,
     k: int,
@@ -189,13 +231,38 @@ def train_kmeans_two_level(
     max_points_per_centroid: int = 256,
     normalized: bool = False,
 ) -> np.ndarray:
-    """Spherical two-level K-means: exactly min(k, n) unit centroids, grouped by coarse cell.
+    """Spherical two-level K-means: exactly min(k, n) unit centroids, grouped by coarse cell (``train_centroid_tree`` without its tree)."""
+    return train_centroid_tree(
+        sample,
+        k,
+        n_coarse=n_coarse,
+        niter=niter,
+        seed=seed,
+        use_gpu=use_gpu,
+        max_points_per_centroid=max_points_per_centroid,
+        normalized=normalized,
+    )[0]
+
+
+def train_centroid_tree(
+    sample: np.ndarray,
+    k: int,
+    *,
+    n_coarse: int | None = None,
+    niter: int = 20,
+    seed: int = 0,
+    use_gpu: str = "auto",
+    max_points_per_centroid: int = 256,
+    normalized: bool = False,
+) -> tuple[np.ndarray, CentroidTree]:
+    """Spherical two-level K-means: (exactly min(k, n) unit centroids grouped by coarse cell, their ``CentroidTree``).
 
     ``n_coarse`` (default round(sqrt(k))) coarse centroids are trained on the whole sample; every
     sample row goes to its nearest coarse centroid (``CentroidIndex``); cell c then trains
     ``allocate_fine(cell sizes, k)[c]`` centroids on its own rows (seed ``seed + c``) and the
     cells' centroids are concatenated in cell order. With one coarse cell this is exactly
-    ``train_kmeans(sample, k, seed=seed)``. Extra memory beyond the sample: one cell's rows.
+    ``train_kmeans(sample, k, seed=seed)`` (its tree: the sample mean direction, one cell).
+    Extra memory beyond the sample: one cell's rows.
     """
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if sample.ndim != 2 or len(sample) == 0:
@@ -212,6 +279,7 @@ def train_kmeans_two_level(
     common = {"niter": niter, "use_gpu": use_gpu, "max_points_per_centroid": max_points_per_centroid, "normalized": True}
     if n_coarse == 1:
         cell = np.zeros(n, dtype=np.int64)
+        coarse = l2_normalize(sample.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32))
     else:
         coarse = train_kmeans(sample, n_coarse, seed=seed, **common)
         cell = CentroidIndex(coarse, use_gpu=use_gpu).search(sample, 1)[0][:, 0]
@@ -220,7 +288,8 @@ def train_kmeans_two_level(
     for c in np.flatnonzero(fine):
         rows = sample if n_coarse == 1 else sample[cell == c]
         parts.append(train_kmeans(rows, int(fine[c]), seed=seed + int(c), **common))
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    return centroids, CentroidTree(coarse, np.repeat(np.arange(n_coarse, dtype=np.int32), fine))
 
 
 def fit_centroids(
@@ -233,8 +302,8 @@ def fit_centroids(
     use_gpu: str = "auto",
     max_points_per_centroid: int = 256,
     normalized: bool = False,
-) -> tuple[np.ndarray, int]:
-    """(unit centroids, coarse cells): flat ``train_kmeans`` up to ``two_level_above`` centroids, two-level above (0 coarse cells = flat)."""
+) -> tuple[np.ndarray, CentroidTree | None]:
+    """(unit centroids, their tree): flat ``train_kmeans`` up to ``two_level_above`` centroids (no tree), two-level above."""
     common = {
         "niter": niter,
         "seed": seed,
@@ -243,41 +312,44 @@ def fit_centroids(
         "normalized": normalized,
     }
     if min(int(k), len(sample)) <= two_level_above:
-        return train_kmeans(sample, k, **common), 0
+        return train_kmeans(sample, k, **common), None
     k_eff = min(int(k), len(sample))
-    n_coarse = max(1, round(np.sqrt(k_eff)))
-    return train_kmeans_two_level(sample, k, n_coarse=n_coarse, **common), n_coarse
+    return train_centroid_tree(sample, k, n_coarse=max(1, round(np.sqrt(k_eff))), **common)
 
 
 class CentroidIndex:
     """Nearest centroids by inner product, the one index that assigns and probes clusters.
 
-    Three regimes by the number of centroids K (``mode``):
+    Regimes (``mode``):
 
-    - ``exact`` up to ``exact_up_to``: a blocked scan of all K, float32 products through numpy's
-      BLAS (faiss-cpu's bundled BLAS is built for an old instruction set and measured several
+    - ``tree`` whenever the centroids come with the ``CentroidTree`` of their two-level training
+      (``tree=``), on any machine and at any K: a query scans the C coarse centroids, then the fine
+      centroids of its ``probe_cells`` best (non-empty) cells only, as one matrix product per cell
+      over the queries that probe it. Work per query ~ (C + probe_cells x k / C) x D, i.e.
+      ~(1 + probe_cells) sqrt(k) x D at C = sqrt(k), instead of k x D. A query's best centroid is
+      missed only when it lies outside its ``probe_cells`` best cells (bench/bench_kmeans.py
+      ``--assignment`` measures the agreement with the exact scan); probing every cell is exact.
+    - ``exact`` (no tree) up to ``exact_up_to``: a blocked scan of all K, float32 products through
+      numpy's BLAS (faiss-cpu's bundled BLAS is built for an old instruction set and measured several
       times slower here); on a GPU machine a faiss flat index on the GPUs (``use_gpu``).
-    - ``cells`` up to ``cells_up_to``: the centroids are grouped into ~sqrt(K) cells by a small
-      spherical K-means over the centroids themselves; a query scans the cell centres, then only
-      the centroids of its ``probe_cells`` best cells, as one matrix product per cell over the
-      queries that probe it. Work per query ~ (1 + probe_cells) sqrt(K) instead of K, still BLAS;
-      a query's best centroid is missed only when it lies outside its ``probe_cells`` best cells
-      (bench/bench_kmeans.py measures the agreement with the exact scan).
+    - ``cells`` (no tree) up to ``cells_up_to``: the same search as ``tree`` over ~sqrt(K) cells
+      built after the fact by a small spherical K-means over the centroids themselves.
     - ``hnsw`` above: HNSW over the centroids (``hnsw_m`` links, ``ef_search`` candidates), log K.
 
-    Ties go to the lower centroid id (exact and cells).
+    Ties go to the lower centroid id (exact, tree and cells).
     """
 
     block_scores = 1 << 22  # scores per block of the exact CPU scan (16 MiB)
-    cells_batch = 65_536  # queries per batch of the cells search
+    cells_batch = 8192  # queries per batch of the tree / cells search (their gathered rows stay in cache)
 
     def __init__(
         self,
         centroids: np.ndarray,
         *,
+        tree: CentroidTree | None = None,
         exact_up_to: int = 65_536,
         cells_up_to: int = 65_536,
-        probe_cells: int = 8,
+        probe_cells: int = TREE_PROBE_CELLS,
         hnsw_m: int = 32,
         ef_search: int = 128,
         use_gpu: str = "auto",
@@ -288,19 +360,27 @@ class CentroidIndex:
             raise ValueError(f"need a non-empty (k, D) centroid array, got shape {centroids.shape}")
         if probe_cells <= 0:
             raise ValueError(f"probe_cells must be positive, got {probe_cells}")
-        faiss = _faiss()
         self.k, self.dim = centroids.shape
+        self.centroids = None
+        self.index = None
+        if tree is not None:
+            if len(tree.cell) != self.k or tree.coarse.shape[1] != self.dim:
+                raise ValueError(f"a tree of {len(tree.cell)} centroids of dim {tree.coarse.shape[1]} for ({self.k}, {self.dim}) centroids")
+            self.mode, self.exact = "tree", False
+            self._set_cells(centroids, tree.coarse, tree.cell.astype(np.int64), probe_cells)
+            return
+        faiss = _faiss()
         gpu = faiss_use_gpu(use_gpu)
         # a GPU scans every centroid faster than the cells bookkeeping saves
         self.mode = "exact" if self.k <= exact_up_to or (gpu and self.k <= cells_up_to) else "cells" if self.k <= cells_up_to else "hnsw"
         self.exact = self.mode == "exact"
-        self.centroids = None
-        self.index = None
         if self.mode == "exact" and not gpu:
             self.centroids = centroids
             return
         if self.mode == "cells":
-            self._build_cells(centroids, probe_cells, seed)
+            n_cells = max(1, round(np.sqrt(self.k)))
+            centres = train_kmeans(centroids, n_cells, niter=10, seed=seed, use_gpu="never", max_points_per_centroid=1 << 20)
+            self._set_cells(centroids, centres, _exact_top(centroids, centres, 1)[0][:, 0], probe_cells)
             return
         if self.exact:
             index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.dim))
@@ -310,17 +390,18 @@ class CentroidIndex:
         index.add(centroids)
         self.index = index
 
-    def _build_cells(self, centroids: np.ndarray, probe_cells: int, seed: int) -> None:
-        n_cells = max(1, round(np.sqrt(self.k)))
-        centres = train_kmeans(centroids, n_cells, niter=10, seed=seed, use_gpu="never", max_points_per_centroid=1 << 20)
-        cell = _exact_top(centroids, centres, 1)[0][:, 0]
-        used = np.unique(cell)  # K-means may leave a centre without centroids: drop it
-        self.cell_centres = np.ascontiguousarray(centres[used])
+    def _set_cells(self, centroids: np.ndarray, centres: np.ndarray, cell: np.ndarray, probe_cells: int) -> None:
+        """Cells = the centroids grouped under ``centres`` (``cell``: each centroid's centre); centres without a centroid are dropped."""
+        used = np.unique(cell)
+        self.cell_centres = np.ascontiguousarray(centres[used], dtype=np.float32)
         cell = np.searchsorted(used, cell)
-        self.cell_order = np.argsort(cell, kind="stable").astype(np.int64)  # centroid ids, cell by cell
+        order = np.argsort(cell, kind="stable").astype(np.int64)  # centroid ids, cell by cell
         self.cell_offsets = np.zeros(len(used) + 1, np.int64)
         np.cumsum(np.bincount(cell, minlength=len(used)), out=self.cell_offsets[1:])
-        self.cell_centroids = np.ascontiguousarray(centroids[self.cell_order])
+        if np.array_equal(order, np.arange(self.k)):  # two-level training's own order: no copy, no id map
+            self.cell_order, self.cell_centroids = None, centroids
+        else:
+            self.cell_order, self.cell_centroids = order, np.ascontiguousarray(centroids[order])
         self.probe_cells = min(int(probe_cells), len(used))
         self._all_centroids = centroids  # exact fallback for a query whose probed cells hold fewer than n centroids
 
@@ -336,34 +417,68 @@ class CentroidIndex:
             return np.empty((0, p), dtype=np.int64), np.empty((0, p), dtype=np.float32)
         if self.centroids is not None:
             return _exact_top(queries, self.centroids, p, self.block_scores)
-        if self.mode == "cells":
+        if self.mode in ("tree", "cells"):
             ids = np.empty((len(queries), p), dtype=np.int64)
             scores = np.empty((len(queries), p), dtype=np.float32)
+            search = self._best_in_cells if p == 1 else self._top_in_cells
             for start in range(0, len(queries), self.cells_batch):
                 stop = start + self.cells_batch
-                ids[start:stop], scores[start:stop] = self._cells_search(queries[start:stop], p)
+                ids[start:stop], scores[start:stop] = search(queries[start:stop], p)
             return ids, scores
         if not self.exact:
             self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, p)
         scores, ids = self.index.search(queries, p)
         return ids.astype(np.int64), scores.astype(np.float32)
 
-    def _cells_search(self, queries: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    def _probe_groups(self, queries: np.ndarray):
+        """(cell, pairs) for every cell some query probes: pairs = query x probe_cells + slot, one slot per probed cell (in no order)."""
         probe = self.probe_cells
-        cells, _ = _exact_top(queries, self.cell_centres, probe, self.block_scores)
-        # candidates: p per probed cell, in slot (query, j-th probed cell); -inf where a cell has fewer
+        n_cells = len(self.cell_centres)
+        if probe >= n_cells:
+            cells = np.broadcast_to(np.arange(n_cells), (len(queries), n_cells))
+        else:  # which cells, not in which order: one argpartition per block of queries
+            cells = np.empty((len(queries), probe), np.int64)
+            rows = max(1, self.block_scores // n_cells)
+            for start in range(0, len(queries), rows):
+                block = queries[start : start + rows] @ self.cell_centres.T
+                cells[start : start + rows] = np.argpartition(-block, probe - 1, axis=1)[:, :probe]
+        flat_cell = cells.ravel().astype(np.int16 if n_cells < 2**15 else np.int32)  # a narrow key: numpy's stable sort is a radix sort
+        pair_order = np.argsort(flat_cell, kind="stable")
+        bounds = np.searchsorted(flat_cell[pair_order], np.arange(n_cells + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            yield int(c), pair_order[bounds[c] : bounds[c + 1]]
+
+    def _best_in_cells(self, queries: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """n = 1: the best centroid of each query's probed cells, ties by the lower id (one argmax per probed cell)."""
+        probe = self.probe_cells
+        cand = np.full(len(queries) * probe, -1, dtype=np.int64)  # best centroid of (query, probed cell)
+        cand_scores = np.full(len(queries) * probe, -np.inf, dtype=np.float32)
+        for c, pairs in self._probe_groups(queries):
+            lo, hi = int(self.cell_offsets[c]), int(self.cell_offsets[c + 1])
+            block = np.take(queries, pairs // probe, axis=0) @ self.cell_centroids[lo:hi].T  # take: a faster row gather than [rows]
+            j = block.argmax(axis=1)
+            cand_scores[pairs] = block.ravel()[np.arange(len(pairs)) * (hi - lo) + j]
+            cand[pairs] = lo + j if self.cell_order is None else self.cell_order[lo + j]
+        cand, cand_scores = cand.reshape(-1, probe), cand_scores.reshape(-1, probe)
+        best_scores = cand_scores.max(axis=1)
+        # the lowest id among the probed cells' bests that reach the best score
+        best = np.where(cand_scores == best_scores[:, None], cand, np.iinfo(np.int64).max).min(axis=1)
+        short = np.flatnonzero(~(best_scores > -np.inf))  # NaN scores: the exact scan decides, as without a tree
+        if len(short):
+            best[short], best_scores[short] = (a[:, 0] for a in _exact_top(queries[short], self._all_centroids, 1, self.block_scores))
+        return best[:, None], best_scores[:, None]
+
+    def _top_in_cells(self, queries: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+        probe = self.probe_cells
+        # candidates: p per probed cell, in slot (query, probed cell); -inf where a cell has fewer
         cand_ids = np.full((len(queries), probe * p), -1, dtype=np.int64)
         cand_scores = np.full((len(queries), probe * p), -np.inf, dtype=np.float32)
-        flat_cell = cells.ravel()
-        pair_order = np.argsort(flat_cell, kind="stable")
-        bounds = np.searchsorted(flat_cell[pair_order], np.arange(len(self.cell_centres) + 1))
-        for c in np.flatnonzero(np.diff(bounds)):
-            pairs = pair_order[bounds[c] : bounds[c + 1]]
+        for c, pairs in self._probe_groups(queries):
             rows, slot = pairs // probe, pairs % probe
             lo, hi = self.cell_offsets[c], self.cell_offsets[c + 1]
             top, top_scores = _exact_top(queries[rows], self.cell_centroids[lo:hi], min(p, int(hi - lo)), self.block_scores)
             cols = slot[:, None] * p + np.arange(top.shape[1])
-            cand_ids[rows[:, None], cols] = self.cell_order[lo + top]
+            cand_ids[rows[:, None], cols] = lo + top if self.cell_order is None else self.cell_order[lo + top]
             cand_scores[rows[:, None], cols] = top_scores
         top = (
             np.argpartition(-cand_scores, p - 1, axis=1)[:, :p]
@@ -374,10 +489,17 @@ class CentroidIndex:
         scores = np.take_along_axis(cand_scores, top, axis=1)
         order = np.lexsort((ids, -scores), axis=1)
         ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
-        short = np.flatnonzero(ids[:, -1] < 0)  # probed cells held fewer than p centroids
+        short = np.flatnonzero((ids < 0).any(axis=1))  # probed cells held fewer than p centroids (or NaN scores)
         if len(short):
             ids[short], scores[short] = _exact_top(queries[short], self._all_centroids, p, self.block_scores)
         return ids, scores
+
+    @classmethod
+    def load(cls, reader, centroids: np.ndarray | None = None, **kwargs) -> CentroidIndex:
+        """The index of a cluster asset's output (``reader``): its centroids (or ``centroids``, already read) with its tree, if any."""
+        if centroids is None:
+            centroids = np.asarray(reader.read_numpy(CENTROIDS_FILE), dtype=np.float32)
+        return cls(centroids, tree=CentroidTree.load(reader), **kwargs)
 
 
 def _exact_top(queries: np.ndarray, keys: np.ndarray, p: int, block_scores: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from realsyn.bank_encoding import bank_rows
+
 # Bytes of one float64 score block of exact_search; queries are processed in chunks that fit it.
 SCORE_BLOCK_BYTES = 64 * 1024 * 1024
 # Images assigned to their clusters per CentroidIndex call.
@@ -45,6 +47,9 @@ CHUNK_SCORES = 262144
 # under this share of the block, or under CHUNK_OVERHEAD_SCORES (what one more chunk costs in calls).
 PADDING_SLACK = 0.2
 CHUNK_OVERHEAD_SCORES = 16 * 1024
+# Clusters probed by at most this many pairs are scanned by the compiled kernel (realsyn.scan_kernels):
+# reading their rows costs more than the arithmetic, and an sgemm call per cluster costs more still.
+FUSED_MAX_PAIRS = 4
 # Fixed cost of one cluster in flop-equivalents when ranges are balanced (Python and call overhead).
 CLUSTER_OVERHEAD_FLOPS = 200_000
 # A float32 read from memory costs about as much as this many flops of sgemm (12 GB/s vs 100 GFLOP/s).
@@ -310,7 +315,9 @@ class _PartSearch:
             if chunk:
                 area = (pairs + p1 - p0) * max(width, r)
                 padding = area - useful - (p1 - p0) * r
-                if area > CHUNK_SCORES or padding > max(PADDING_SLACK * area, CHUNK_OVERHEAD_SCORES):
+                # a chunk's pairs are contiguous: a cluster after a gap (pairs scanned by the kernel) starts anew
+                gap = p0 != chunk[-1][1]
+                if gap or area > CHUNK_SCORES or padding > max(PADDING_SLACK * area, CHUNK_OVERHEAD_SCORES):
                     yield chunk
                     chunk, pairs, width, useful = [], 0, 0, 0
             step = max(1, CHUNK_SCORES // max(r, 1))
@@ -324,8 +331,35 @@ class _PartSearch:
 
     def run(self, pair_lo: np.ndarray, pair_hi: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray) -> int:
         """Clusters given by their pair and row ranges (within the part); returns useful flops."""
-        bank, x, k = self.bank, self.x, self.k
-        flops = 0
+        n_pairs = pair_hi - pair_lo
+        flops = int((2 * n_pairs * (row_hi - row_lo)).sum()) * self.x.shape[1]
+        few = n_pairs <= FUSED_MAX_PAIRS
+        if few.any():  # read-bound clusters: one compiled scan for all of them
+            from realsyn.scan_kernels import scan_clusters
+
+            scan_clusters(
+                self.bank, self.x, pair_lo[few], pair_hi[few], row_lo[few], row_hi[few], self.row_base, self.cand_ids, self.cand_scores
+            )
+        if not few.all():
+            many = ~few
+            self._products(pair_lo[many], pair_hi[many], row_lo[many], row_hi[many])
+        return flops
+
+    def _rows(self, s: int, e: int) -> np.ndarray:
+        """Bank rows [s, e) as float32 (a float16 bank is widened into a per-thread buffer)."""
+        if self.bank.dtype == np.float32:
+            return self.bank[s:e]
+        from realsyn.scan_kernels import widen_f16
+
+        buf = getattr(_local, "wide", None)
+        n = (e - s) * self.bank.shape[1]
+        if buf is None or len(buf) < n:
+            buf = _local.wide = np.empty(n, np.float32)
+        return widen_f16(self.bank, s, e, buf[:n].reshape(e - s, self.bank.shape[1]))
+
+    def _products(self, pair_lo: np.ndarray, pair_hi: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray) -> None:
+        """Clusters probed by many pairs: one sgemm per cluster into a shared score block, one top-k pass."""
+        x, k = self.x, self.k
         for chunk in self._chunks(pair_lo, pair_hi, row_lo, row_hi):
             q0, q1 = chunk[0][0], chunk[-1][1]
             width = max(e - s for _, _, s, e in chunk)
@@ -336,13 +370,12 @@ class _PartSearch:
             for p0, p1, s, e in chunk:
                 out = block[:, p0 - q0 : p1 - q0]
                 if e > s and p1 - p0 == 1:  # np.dot releases the GIL in sgemv; matmul of one column does not
-                    out[: e - s, 0] = np.dot(bank[s:e], x[p0])
+                    out[: e - s, 0] = np.dot(self._rows(s, e), x[p0])
                 elif e > s:
-                    np.matmul(bank[s:e], x[p0:p1].T, out=out[: e - s])
+                    np.matmul(self._rows(s, e), x[p0:p1].T, out=out[: e - s])
                 if e - s < width:
                     out[e - s :] = -np.inf
                 starts[p0 - q0 : p1 - q0] = s
-                flops += 2 * (p1 - p0) * (e - s) * x.shape[1]
             rows, vals = _top_k_columns(block, k)
             ids = rows + (starts + self.row_base)[:, None]
             ids[np.isneginf(vals)] = -1  # padding (and NaN bank rows)
@@ -351,7 +384,6 @@ class _PartSearch:
                 ids, vals = _rank(ids, vals, kk)
             self.cand_scores[q0:q1, :kk] = vals
             self.cand_ids[q0:q1, :kk] = ids
-        return flops
 
 
 def _merge_sorted(a_ids, a_scores, b_ids, b_scores, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -596,7 +628,7 @@ def cluster_ordered_search(
                     t0 = time.perf_counter()
                     x = resident[pair_image[pa_:pb_]] if resident is not None else x_round[pa_ - a : pb_ - a]
                     t1 = time.perf_counter()
-                    bank = np.ascontiguousarray(load_part(part), dtype=np.float32)
+                    bank = bank_rows(load_part(part))
                     t2 = time.perf_counter()
                     if bank.ndim != 2 or bank.shape[1] != dim:
                         raise ValueError(f"bank part {part} has shape {bank.shape}, expected (rows, {dim})")

@@ -234,11 +234,11 @@ def test_two_level_returns_exactly_k_unit_centroids_one_per_blob():
 def test_fit_centroids_switches_to_two_level_above_the_threshold():
     rng = np.random.default_rng(2)
     data = normalize_rows_inplace(rng.standard_normal((500, 8)).astype(np.float32))
-    flat, coarse = fit_centroids(data, 20, two_level_above=20, niter=5, seed=0, use_gpu="never", normalized=True)
-    assert coarse == 0
+    flat, tree = fit_centroids(data, 20, two_level_above=20, niter=5, seed=0, use_gpu="never", normalized=True)
+    assert tree is None
     np.testing.assert_array_equal(flat, train_kmeans(data, 20, niter=5, seed=0, use_gpu="never", normalized=True))
-    two, coarse = fit_centroids(data, 20, two_level_above=19, niter=5, seed=0, use_gpu="never", normalized=True)
-    assert coarse == 4 and two.shape == (20, 8)  # round(sqrt(20)) coarse cells
+    two, tree = fit_centroids(data, 20, two_level_above=19, niter=5, seed=0, use_gpu="never", normalized=True)
+    assert tree.coarse.shape == (4, 8) and two.shape == (20, 8)  # round(sqrt(20)) coarse cells
     np.testing.assert_array_equal(two, train_kmeans_two_level(data, 20, n_coarse=4, niter=5, seed=0, use_gpu="never", normalized=True))
 
 

@@ -216,3 +216,81 @@ def test_image_budget_searches_parts_in_rounds_from_spilled_images(tmp_path, mon
     got_ids, _, _ = bank.search(batches, n_probe=2, k=3)
     np.testing.assert_array_equal(got_ids, ids)
     assert calls["read"] == 1
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_compiled_scan_and_products_agree_and_mix_in_one_part(k, monkeypatch):
+    # 40 clusters, some probed by 1-4 images (the compiled scan), some by many (sgemm), one part
+    sent, img = _random_unit(4000, 24, 10), _random_unit(300, 24, 11)
+    bank = Bank(sent, train_kmeans(sent, 40, niter=10, seed=0, use_gpu="never"), n_parts=2)
+    exact_ids, exact_scores = exact_search(img, sent, k)
+    results = {}
+    for fused_max in (0, 4, 10**9):  # all sgemm, mixed, all compiled
+        monkeypatch.setattr(retrieval, "FUSED_MAX_PAIRS", fused_max)
+        ids, scores, res = bank.search(img, n_probe=40, k=k)
+        np.testing.assert_array_equal(ids, exact_ids)
+        np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-5)
+        results[fused_max] = (res.row_ids, res.stats["distances"])
+    assert results[0][1] == results[4][1] == results[10**9][1] == 300 * 4000
+    # one probe: clusters with few and with many images; both paths give the same rows
+    pair_counts = np.bincount(CentroidIndex(bank.centroids).search(img, 1)[0][:, 0], minlength=40)
+    assert (pair_counts[pair_counts > 0] <= 4).any() and (pair_counts > 4).any()
+    rows = []
+    for fused_max in (0, 4, 10**9):
+        monkeypatch.setattr(retrieval, "FUSED_MAX_PAIRS", fused_max)
+        rows.append(bank.search(img, n_probe=1, k=k)[2].row_ids)
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(rows[0], rows[2])
+
+
+def test_compiled_scan_ranks_ties_by_row_and_skips_nan_and_pads():
+    from realsyn.scan_kernels import scan_clusters
+
+    bank = np.array([[0.6, 0.8], [np.nan, 0.0], [0.6, 0.8], [1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    x = np.array([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], np.float32)
+    for dtype in (np.float32, np.float16):
+        ids, scores = np.full((3, 3), -1, np.int64), np.full((3, 3), -np.inf, np.float32)
+        # cluster A = rows 0..4 probed by pairs 0, 1; cluster B = row 5 probed by pair 2
+        scan_clusters(bank.astype(dtype), x, np.array([0, 2]), np.array([2, 3]), np.array([0, 5]), np.array([5, 6]), 100, ids, scores)
+        np.testing.assert_array_equal(ids, [[100, 102, 104], [103, 100, 102], [105, -1, -1]])
+        np.testing.assert_allclose(scores[:2], [[0.8, 0.8, 0.8], [1.0, 0.6, 0.6]], atol=1e-3)
+        assert scores[2, 0] == pytest.approx(0.8, abs=1e-3) and np.isneginf(scores[2, 1:]).all()
+    with pytest.raises(TypeError, match="float32 or float16"):
+        scan_clusters(bank.astype(np.float64), x, np.array([0]), np.array([1]), np.array([0]), np.array([1]), 0, ids, scores)
+
+
+@pytest.mark.parametrize("fused_max", [0, 4, 10**9])
+def test_float16_bank_gives_exact_search_over_the_rounded_bank(fused_max, monkeypatch):
+    from realsyn.bank_encoding import encode_bank
+
+    monkeypatch.setattr(retrieval, "FUSED_MAX_PAIRS", fused_max)
+    sent, img = _random_unit(3000, 32, 12), _random_unit(200, 32, 13)
+    bank = Bank(sent, train_kmeans(sent, 30, niter=10, seed=0, use_gpu="never"), n_parts=3)
+    bank.parts = [encode_bank(p, "float16") for p in bank.parts]
+    assert all(p.dtype == np.float16 for p in bank.parts)
+    rounded = sent.astype(np.float16).astype(np.float32)
+    exact_ids, exact_scores = exact_search(img, rounded, 3)
+    ids, scores, res = bank.search(img, n_probe=30, k=3, threads=2)
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=1e-5)
+    # against the float32 bank: scores within float16's rounding, and (away from near-ties) the same rows
+    f32_ids, f32_scores = exact_search(img, sent, 3)
+    assert np.abs(scores - f32_scores).max() < 1e-3
+    assert (ids == f32_ids).mean() > 0.99
+
+
+def test_bank_encoding():
+    from realsyn.bank_encoding import bank_rows, encode_bank
+
+    x = _random_unit(10, 8, 14)
+    assert encode_bank(x, "float32").dtype == np.float32 and encode_bank(x, "float16").dtype == np.float16
+    np.testing.assert_allclose(encode_bank(x, "float16").astype(np.float32), x, atol=1e-3)
+    y = x.copy()
+    y[0, 0] = 1e6  # beyond float16's range: refused, not silently made inf
+    with pytest.raises(ValueError, match="float16's range"):
+        encode_bank(y, "float16")
+    y[0, 0] = np.nan  # non-finite values are kept as they are (retrieval never returns them)
+    assert np.isnan(encode_bank(y, "float16")[0, 0])
+    with pytest.raises(ValueError, match="bank dtype"):
+        encode_bank(x, "bfloat16")
+    assert bank_rows(x.astype(np.float64)).dtype == np.float32 and bank_rows(x.astype(np.float16)).dtype == np.float16

@@ -108,3 +108,34 @@ def test_missing_image_shard_is_an_error(tmp_path):
     storage, _ = _fixture(tmp_path)
     with pytest.raises(MissingShardsError, match="image_embeddings: 1 of 4"):
         retrieve_all(storage, ["s0", "s1", "s2", "s9"])
+
+
+def test_float16_bank_written_by_the_bank_builder_is_searched_as_rounded(tmp_path):
+    """sentence_clusters' builder with bank_dtype float16 writes half the bytes; retrieval reads it as is."""
+    from realsyn.stages.cluster import SentenceBankBuilder
+
+    storage, fx = _fixture(tmp_path)
+    sent = _unit(N_SENTENCES, 0)
+    centroids = np.asarray(storage.reader(layout.SENTENCE_CLUSTERS).read_numpy(layout.CENTROIDS_FILE))
+    with pytest.raises(ValueError, match="bank_dtype"):
+        SentenceBankBuilder(None, CentroidIndex(centroids), 100, bank_dtype="int8")
+    with storage.writer(layout.SENTENCE_CLUSTERS) as w:
+        w.write_numpy(layout.CENTROIDS_FILE, centroids)
+        builder = SentenceBankBuilder(w, CentroidIndex(centroids), 120, bank_dtype="float16")
+        for s in range(0, N_SENTENCES, 100):  # three shards
+            ids = [f"sent{i}" for i in range(s, s + 100)]
+            builder.add_shard(f"x{s}", sent[s : s + 100], pa.table({"sentence_id": ids, "text": [f"text of {x}" for x in ids]}))
+        n_parts = builder.finish()
+    reader = storage.reader(layout.SENTENCE_CLUSTERS)
+    parts = [np.asarray(reader.read_numpy(layout.bank_part_file(p, "npy"))) for p in range(n_parts)]
+    assert n_parts >= 2 and all(p.dtype == np.float16 for p in parts) and sum(len(p) for p in parts) == N_SENTENCES
+    retrieve_all(storage, ["s0", "s1", "s2"], k=3, n_probe=N_CLUSTERS, threads=1)
+    rounded = sent.astype(np.float16).astype(np.float32)
+    for shard, (_, emb) in fx["images"].items():
+        if not len(emb):
+            continue
+        table = read_retrievals(storage, shard)
+        exact_rows, exact_scores = exact_search(emb, rounded, 3)
+        assert table.column("sentence_ids").to_pylist() == [[f"sent{r}" for r in row] for row in exact_rows.tolist()]
+        got = np.array(table.column("scores").to_pylist(), dtype=np.float32).reshape(-1, 3)
+        np.testing.assert_allclose(got, exact_scores, atol=1e-5)

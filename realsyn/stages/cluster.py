@@ -7,7 +7,9 @@ pass over the shards writes each shard's kept sentences sorted by cluster as a s
 merge in cluster order writes bank parts of at most ``bank_part_rows`` rows. So the peak is the
 sample (while training), or one shard plus one bank part, plus the centroids and O(k) counters.
 
-Outputs (``sentence_clusters/_global``): ``centroids.npy``; ``assignments/{shard}.parquet``
+Outputs (``sentence_clusters/_global``): ``centroids.npy``, with the tree of a two-level training
+(``coarse_centroids.npy``, ``centroid_cells.npy``: ``realsyn.clustering.CentroidTree``) through which
+every row is assigned and retrieval probes; ``assignments/{shard}.parquet``
 (sentence_id, cluster, score, in the shard's row order); ``bank/part-{p:05d}.npy`` and
 ``.parquet`` (sentence_id, text, cluster), rows ordered by cluster, then shard (in the order
 given), then row; ``clusters.parquet`` (cluster, part, start, end: rows start..end of that part);
@@ -18,20 +20,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn import layout
+from realsyn.bank_encoding import BANK_DTYPES, encode_bank
 from realsyn.io import is_local, join_path
 from realsyn.progress import track
-from realsyn.stages.common import dedup_kept_mask, kept_pair_ids, require_partitions
+from realsyn.stages.common import dedup_kept_mask, require_partitions
 from realsyn.stats import StepStats
 from realsyn.storage import PartitionWriter, Storage
 
+if TYPE_CHECKING:
+    from realsyn.clustering import CentroidTree
+
 RUNS_DIR = "runs"  # spill runs inside the writer's generation, never in its manifest, removed before commit
 RUN_ROW_GROUP = 8192  # rows per Parquet row group of a run: a merge step reads whole row groups
+IMAGE_BLOCK_ROWS = 16_384  # image embedding rows read per step while image_clusters fills its sample
 
 
 # ----------------------------------------------------------------------------- spill files
@@ -90,9 +99,12 @@ class SentenceBankBuilder:
     the caller commits (and were never in the manifest).
     """
 
-    def __init__(self, writer: PartitionWriter, index, part_rows: int, *, run_row_group: int = RUN_ROW_GROUP):
+    def __init__(self, writer: PartitionWriter, index, part_rows: int, *, run_row_group: int = RUN_ROW_GROUP, bank_dtype: str = "float32"):
         if part_rows <= 0:
             raise ValueError(f"bank_part_rows must be positive, got {part_rows}")
+        if bank_dtype not in BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
+        self.bank_dtype = bank_dtype
         self.w, self.index, self.part_rows, self.run_row_group = writer, index, int(part_rows), int(run_row_group)
         self.k, self.dim = index.k, index.dim
         self.sizes = np.zeros(self.k, np.int64)
@@ -164,7 +176,8 @@ class SentenceBankBuilder:
             inverse = np.empty(rows, np.int64)
             inverse[np.concatenate(dests) if dests else np.zeros(0, np.int64)] = np.arange(rows, dtype=np.int64)
             part = pa.concat_tables(tables).take(pa.array(inverse)) if tables else _empty_bank_table()
-            self.w.write_numpy(layout.bank_part_file(p, "npy"), out)
+            # the spill runs stay float32; a float16 bank is rounded once, here
+            self.w.write_numpy(layout.bank_part_file(p, "npy"), encode_bank(out, self.bank_dtype))
             self.w.write_parquet(layout.bank_part_file(p, "parquet"), part)
             del out, tables, part
         n_parts = len(bounds) - 1
@@ -200,12 +213,12 @@ def train_on_sample(
     two_level_above: int,
     niter: int,
     seed: int,
-) -> tuple[np.ndarray, dict[str, int]]:
+) -> tuple[np.ndarray, CentroidTree | None, dict[str, int]]:
     """Centroids trained on a reservoir sample of the embedding ``batches`` (an iterable of (n, D) arrays, e.g. one per shard).
 
     The reservoir holds ``sample_capacity(n_rows, k, sample_rows, max_points_per_centroid)`` rows,
     preallocated, and is normalised in place; no copy of the sample is made. Returns (centroids,
-    facts for the summary: sample rows, coarse cells (0 = flat training)).
+    their ``CentroidTree`` (None: flat training), facts for the summary: sample rows, coarse cells (0 = flat training)).
     """
     from realsyn.clustering import ReservoirSample, fit_centroids, normalize_rows_inplace, sample_capacity
 
@@ -215,11 +228,12 @@ def train_on_sample(
     if len(sample) == 0:
         raise ValueError("no finite embedding to train K-means on")
     rows = normalize_rows_inplace(sample.array())
-    centroids, n_coarse = fit_centroids(
+    centroids, tree = fit_centroids(
         rows, k, two_level_above=two_level_above, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid, normalized=True
     )
+    n_coarse = 0 if tree is None else len(tree.coarse)
     facts = {"training_rows": len(sample), "coarse_clusters": n_coarse, "skipped_nonfinite": sample.skipped_nonfinite}
-    return centroids, facts
+    return centroids, tree, facts
 
 
 # ----------------------------------------------------------------------------- sentences
@@ -258,6 +272,7 @@ def cluster_sentences(
     niter: int = 20,
     seed: int = 0,
     bank_part_rows: int = 1_000_000,
+    bank_dtype: str = "float32",
 ) -> StepStats:
     """K-means on a bounded sample, assignment of every kept sentence, and the cluster-ordered bank (external sort)."""
     from realsyn.clustering import CentroidIndex
@@ -271,7 +286,7 @@ def cluster_sentences(
         # paper: 840M sentences into 2M clusters, i.e. ~420 sentences per cluster
         k = _n_clusters(n_kept, n_clusters, sentences_per_cluster)
         dim = int(storage.reader(layout.SENTENCE_EMBEDDINGS, shards[0]).read_json(layout.MODEL_FILE)["dim"])
-        centroids, facts = train_on_sample(
+        centroids, tree, facts = train_on_sample(
             (_kept_embeddings(storage, s) for s in track(shards, f"{layout.SENTENCE_CLUSTERS}: sample read", unit="shards")),
             n_kept,
             k,
@@ -282,11 +297,13 @@ def cluster_sentences(
             niter=niter,
             seed=seed,
         )
-        index = CentroidIndex(centroids)
+        index = CentroidIndex(centroids, tree=tree)
         with storage.writer(layout.SENTENCE_CLUSTERS) as w:
             w.write_numpy(layout.CENTROIDS_FILE, centroids)
+            if tree is not None:
+                tree.save(w)  # retrieval probes through the same tree (CentroidIndex.load)
             del centroids  # the index holds its own copy (k x D floats)
-            bank = SentenceBankBuilder(w, index, bank_part_rows)
+            bank = SentenceBankBuilder(w, index, bank_part_rows, bank_dtype=bank_dtype)
             try:
                 for s in track(shards, f"{layout.SENTENCE_CLUSTERS}: bank laid out", unit="shards"):
                     bank.add_shard(s, *_kept_sentences(storage, s))
@@ -305,12 +322,47 @@ def cluster_sentences(
 
 
 # ----------------------------------------------------------------------------- images
-def _embeddings_of(storage: Storage, shard: str, image_ids: Sequence[str]) -> np.ndarray:
+def _kept_pair_ids(storage: Storage, shard: str) -> pa.Array:
+    """Image ids whose pair passed the similarity band, as one Arrow string array (no Python objects)."""
+    d = storage.reader(layout.FILTERED_PAIRS, shard).read_parquet(layout.DECISIONS_FILE, columns=["id", "kept"])
+    return d.column("id").filter(d.column("kept")).combine_chunks()
+
+
+def _n_kept_pairs(storage: Storage, shard: str) -> int:
+    d = storage.reader(layout.FILTERED_PAIRS, shard).read_parquet(layout.DECISIONS_FILE, columns=["kept"])
+    return int(pc.sum(d.column("kept")).as_py() or 0)
+
+
+def _kept_image_rows(storage: Storage, shard: str, image_ids: pa.Array) -> tuple[np.ndarray, int]:
+    """(rows of ``image_ids`` in the shard's image embeddings, found by Arrow ``index_in``, int64; rows of that file)."""
     reader = storage.reader(layout.IMAGE_EMBEDDINGS, shard)
-    all_ids = reader.read_parquet(layout.EMBEDDING_INDEX_FILE, columns=["image_id"]).column("image_id").to_pylist()
-    pos = {x: i for i, x in enumerate(all_ids)}
-    rows = np.asarray([pos[i] for i in image_ids], dtype=np.int64)
-    return np.asarray(reader.read_numpy(layout.EMBEDDINGS_FILE))[rows].astype(np.float32, copy=False)
+    all_ids = reader.read_parquet(layout.EMBEDDING_INDEX_FILE, columns=["image_id"]).column("image_id")
+    pos = pc.index_in(image_ids, value_set=all_ids)
+    if pos.null_count:
+        missing = image_ids.filter(pc.is_null(pos))[0].as_py()
+        raise KeyError(f"image_clusters: {pos.null_count} kept images of shard {shard} have no embedding (e.g. {missing!r})")
+    return pos.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), len(all_ids)
+
+
+def _embeddings_of(storage: Storage, shard: str, image_ids: pa.Array) -> np.ndarray:
+    """Embeddings (n, D) float32 of ``image_ids``, in that order."""
+    rows, _ = _kept_image_rows(storage, shard, image_ids)
+    return np.asarray(storage.reader(layout.IMAGE_EMBEDDINGS, shard).read_numpy(layout.EMBEDDINGS_FILE))[rows].astype(
+        np.float32, copy=False
+    )
+
+
+def _kept_image_blocks(storage: Storage, shard: str, block_rows: int = IMAGE_BLOCK_ROWS):
+    """The kept pairs' image embeddings of one shard in file order, ``block_rows`` file rows read at a time (byte ranges, no memory map)."""
+    rows, n_file = _kept_image_rows(storage, shard, _kept_pair_ids(storage, shard))
+    kept = np.zeros(n_file, bool)
+    kept[rows] = True
+    with storage.reader(layout.IMAGE_EMBEDDINGS, shard).open(layout.EMBEDDINGS_FILE) as f:
+        for start in range(0, n_file, block_rows):
+            stop = min(start + block_rows, n_file)
+            if kept[start:stop].any():
+                f.seek(0)
+                yield _read_npy_rows(f, start, stop)[kept[start:stop]].astype(np.float32, copy=False)
 
 
 def cluster_images(
@@ -325,21 +377,28 @@ def cluster_images(
     niter: int = 20,
     seed: int = 0,
 ) -> StepStats:
-    """K-means of the kept pairs' image embeddings (paper: 168M images into 1M centres), same bounded sample as the sentences."""
+    """K-means of the kept pairs' image embeddings (paper: 168M images into 1M centres), same bounded sample as the sentences.
+
+    Writes ``centroids.npy`` (with ``coarse_centroids.npy`` and ``centroid_cells.npy`` when trained two-level:
+    every image is assigned through that tree), ``assignments/{shard}.parquet`` (image_id, cluster, in the
+    order of the shard's filtered_pairs decisions) and ``counts.npy``. The sample is filled from the
+    embedding files ``IMAGE_BLOCK_ROWS`` rows at a time; ids stay Arrow arrays (no per-row Python objects).
+    """
     from realsyn.clustering import CentroidIndex
 
     stats = StepStats(layout.IMAGE_CLUSTERS)
     with stats.timed():
         shards = require_partitions(storage, layout.FILTERED_PAIRS, shards)
-        n = sum(len(kept_pair_ids(storage, s)) for s in shards)
+        n = sum(_n_kept_pairs(storage, s) for s in shards)
         if n == 0:
             raise ValueError("image_clusters: no image-text pair survived the similarity filter")
         k = _n_clusters(n, n_clusters, images_per_cluster)
         dim = int(storage.reader(layout.IMAGE_EMBEDDINGS, shards[0]).read_json(layout.MODEL_FILE)["dim"])
-        centroids, facts = train_on_sample(
+        centroids, tree, facts = train_on_sample(
             (
-                _embeddings_of(storage, s, kept_pair_ids(storage, s))
+                block
                 for s in track(shards, f"{layout.IMAGE_CLUSTERS}: sample read", unit="shards")
+                for block in _kept_image_blocks(storage, s)
             ),
             n,
             k,
@@ -350,19 +409,21 @@ def cluster_images(
             niter=niter,
             seed=seed,
         )
-        index = CentroidIndex(centroids)
+        index = CentroidIndex(centroids, tree=tree)
         counts = np.zeros(index.k, np.int64)
         with storage.writer(layout.IMAGE_CLUSTERS) as w:
             w.write_numpy(layout.CENTROIDS_FILE, centroids)
+            if tree is not None:
+                tree.save(w)
             del centroids  # the index holds its own copy (k x D floats)
             for s in track(shards, f"{layout.IMAGE_CLUSTERS}: assigned", unit="shards"):
-                image_ids = kept_pair_ids(storage, s)
-                ids, _ = index.search(_embeddings_of(storage, s, image_ids), 1)
-                counts += np.bincount(ids[:, 0], minlength=index.k)
+                image_ids = _kept_pair_ids(storage, s)
+                cluster = index.search(_embeddings_of(storage, s, image_ids), 1)[0][:, 0].astype(np.int32)
+                counts += np.bincount(cluster, minlength=index.k)
                 w.write_parquet(
-                    layout.assignments_file(s),
-                    pa.table({"image_id": pa.array(image_ids, pa.string()), "cluster": pa.array(ids[:, 0].astype(np.int32))}),
+                    layout.assignments_file(s), pa.table({"image_id": image_ids.cast(pa.string()), "cluster": pa.array(cluster)})
                 )
+                del image_ids, cluster
             w.write_numpy(layout.CLUSTER_COUNTS_FILE, counts)
             stats.add("images", n)
             stats.add("clusters", index.k)

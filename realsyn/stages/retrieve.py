@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from realsyn import layout
+from realsyn.bank_encoding import bank_rows
 from realsyn.progress import track
 from realsyn.stages.common import dedup_kept_mask, kept_image_embeddings, kept_image_ids, require_partitions
 from realsyn.stats import StepStats
@@ -39,7 +40,7 @@ class SentenceBank:
 
     def load_part(self, part: int) -> np.ndarray:
         self.parts_read += 1
-        return np.asarray(self.reader.read_numpy(layout.bank_part_file(part, "npy")), dtype=np.float32)
+        return bank_rows(self.reader.read_numpy(layout.bank_part_file(part, "npy")))
 
     def texts_of_part(self, part: int, local_rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
         """(sentence_id, text) of rows ``local_rows`` (any order, repeats allowed) of one bank part."""
@@ -147,7 +148,7 @@ def retrieve_all(
         max_bytes = None if max_image_gb is None else int(max_image_gb * 2**30)
         result = cluster_ordered_search(
             image_batches,
-            CentroidIndex(bank.centroids),
+            CentroidIndex.load(bank.reader, bank.centroids),  # through the tree of sentence_clusters, as the bank was assigned
             bank.layout,
             bank.load_part,
             n_probe=n_probe,
