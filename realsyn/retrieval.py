@@ -4,16 +4,19 @@ The pass (``cluster_ordered_search``):
 
 1. every image is assigned once to its ``n_probe`` nearest sentence clusters (``CentroidIndex``);
 2. the (image, cluster) pairs are sorted into bank order (part, then row offset of the cluster);
-3. the cluster-ordered sentence bank is streamed once, part by part; each cluster costs one float32
-   product, its contiguous bank rows times the (gathered, contiguous) images that probe it;
+3. the cluster-ordered sentence bank is streamed once, part by part. A cluster probed by many pairs
+   costs one float32 product, its contiguous bank rows times the (gathered, contiguous) images that
+   probe it; clusters probed by a few pairs are read-bound and are scanned by one compiled kernel
+   (``realsyn.scan_kernels``) that reads each row once. A float16 bank (``bank_dtype``) is widened
+   to float32 in registers or per cluster: half the bytes read;
 4. each pair keeps its cluster's top k; after each part the pairs are merged into a running top k
    per image.
 
 Clusters are spread over a thread pool in contiguous ranges with one BLAS thread per worker (numpy
-releases the GIL inside sgemm). The work done for a cluster does not depend on the number of
-threads, so neither does any score. Ranking is by score descending, then bank row ascending;
-missing candidates are padded with id -1 and score -inf. Images with a non-finite value get padding
-only; NaN scores (a non-finite bank row) count as -inf.
+releases the GIL inside sgemm, the kernels release it too). The work done for a cluster does not
+depend on the number of threads, so neither does any score. Ranking is by score descending, then
+bank row ascending; missing candidates are padded with id -1 and score -inf. Images with a
+non-finite value get padding only; NaN scores (a non-finite bank row) count as -inf.
 
 Memory: the running top k (N x k), the probes (N x n_probe), one bank part and the gathered
 embeddings of the pairs of the current part. Images are held whole (N x D) by default; with
@@ -41,12 +44,8 @@ SCORE_BLOCK_BYTES = 64 * 1024 * 1024
 ASSIGN_BATCH = 65536
 # Work units per thread in one bank part: contiguous cluster ranges, handed out as threads free up.
 RANGES_PER_THREAD = 8
-# Scores per chunk of the per-cluster products (float32, 1 MiB): small enough to stay in a core's L2.
+# Scores per block of a cluster's product (float32, 1 MiB): small enough to stay in a core's L2.
 CHUNK_SCORES = 262144
-# A chunk's block is padded up to its widest cluster: a cluster joins the chunk while the padding stays
-# under this share of the block, or under CHUNK_OVERHEAD_SCORES (what one more chunk costs in calls).
-PADDING_SLACK = 0.2
-CHUNK_OVERHEAD_SCORES = 16 * 1024
 # Clusters probed by at most this many pairs are scanned by the compiled kernel (realsyn.scan_kernels):
 # reading their rows costs more than the arithmetic, and an sgemm call per cluster costs more still.
 FUSED_MAX_PAIRS = 4
@@ -246,43 +245,6 @@ def _top_k_exact_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return cols, top
 
 
-def _top_k_columns(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of a C-contiguous (W, m) float32 score block (rows: bank rows, columns: pairs): the
-    rows and scores of the k best by (score desc, row asc), best first when W > k; (m, min(k, W)).
-    NaN scores become -inf (in place).
-
-    The rows are cut into k groups (row i in group i % k); the smallest of the k group maxima is a
-    lower bound of the k-th best score (the k maxima are k distinct scores at least that high), so
-    the scores at or above it hold the top k, ties included, and are few (about 5.5 for k = 3 on
-    random scores). Every pass is a vectorised sweep over contiguous rows: no per-column sort.
-    """
-    width, m = block.shape
-    if width <= k:
-        block[np.isnan(block)] = -np.inf
-        return np.broadcast_to(np.arange(width), (m, width)).copy(), np.ascontiguousarray(block.T)
-    groups = width // k
-    bound = block[: groups * k].reshape(groups, k, m).max(axis=0).min(axis=0)
-    if np.isnan(bound).any():  # max propagates NaN: some column holds one (a non-finite bank row)
-        block[np.isnan(block)] = -np.inf
-        bound = block[: groups * k].reshape(groups, k, m).max(axis=0).min(axis=0)
-    flat = np.flatnonzero(block >= bound)
-    rows, cols = np.divmod(flat, m)
-    vals = block.ravel()[flat] + np.float32(0)  # -0.0 becomes 0.0: equal scores get equal keys
-    # sort by (column asc, score desc); among equal scores rows ascend (flat order) with a stable sort,
-    # needed only when a column has equal candidate scores
-    bits = vals.view(np.int32).astype(np.int64)
-    desc = 0x7FFFFFFF - (bits ^ ((bits >> 31) & 0x7FFFFFFF))  # float order, reversed, in [0, 2**32)
-    key = (cols << 32) | desc
-    order = np.argsort(key)
-    sorted_key = key[order]
-    if (sorted_key[1:] == sorted_key[:-1]).any():
-        order = np.argsort(key, kind="stable")
-    firsts = np.zeros(m, np.int64)
-    np.cumsum(np.bincount(cols, minlength=m)[:-1], out=firsts[1:])
-    take = order[(firsts[:, None] + np.arange(k)).ravel()]
-    return rows[take].reshape(m, k), vals[take].reshape(m, k)
-
-
 _local = threading.local()
 
 
@@ -297,46 +259,24 @@ def _scratch(n: int) -> np.ndarray:
 class _PartSearch:
     """The clusters of one bank part against the gathered images (one row per pair) that probe them.
 
-    Work goes in chunks of consecutive pairs whose score block stays small (cache-resident): each
-    cluster's product is written by sgemm straight into its rows of the chunk's block (padded with
-    -inf up to the widest cluster of the chunk), then one top-k selection runs over the whole block.
-    A cluster whose block alone would exceed the chunk is cut by pairs.
+    Each pair's running top k lives in ``cand_ids`` / ``cand_scores`` (pairs, k), best first. A
+    cluster probed by few pairs is read-bound: those go to one compiled scan (``scan_clusters``).
+    A cluster probed by many is compute-bound: one sgemm per cluster into a cache-sized score block
+    (cut by pairs when the cluster is wide), then a compiled pass merges the block into the top k.
     """
 
     def __init__(self, bank: np.ndarray, x: np.ndarray, k: int, row_base: int):
         self.bank, self.x, self.k, self.row_base = bank, x, k, row_base
         self.cand_ids, self.cand_scores = _empty(len(x), k)
 
-    def _chunks(self, pair_lo, pair_hi, row_lo, row_hi) -> Iterator[list[tuple[int, int, int, int]]]:
-        chunk: list[tuple[int, int, int, int]] = []
-        pairs = width = useful = 0
-        for p0, p1, s, e in zip(pair_lo.tolist(), pair_hi.tolist(), row_lo.tolist(), row_hi.tolist()):
-            r = e - s  # an empty cluster stays in its chunk: its pairs' columns are all padding
-            if chunk:
-                area = (pairs + p1 - p0) * max(width, r)
-                padding = area - useful - (p1 - p0) * r
-                # a chunk's pairs are contiguous: a cluster after a gap (pairs scanned by the kernel) starts anew
-                gap = p0 != chunk[-1][1]
-                if gap or area > CHUNK_SCORES or padding > max(PADDING_SLACK * area, CHUNK_OVERHEAD_SCORES):
-                    yield chunk
-                    chunk, pairs, width, useful = [], 0, 0, 0
-            step = max(1, CHUNK_SCORES // max(r, 1))
-            while p1 - p0 > step:  # a cluster too large for one chunk goes alone, in pieces
-                yield [(p0, p0 + step, s, e)]
-                p0 += step
-            chunk.append((p0, p1, s, e))
-            pairs, width, useful = pairs + p1 - p0, max(width, r), useful + (p1 - p0) * r
-        if chunk:
-            yield chunk
-
     def run(self, pair_lo: np.ndarray, pair_hi: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray) -> int:
         """Clusters given by their pair and row ranges (within the part); returns useful flops."""
+        from realsyn.scan_kernels import scan_clusters
+
         n_pairs = pair_hi - pair_lo
         flops = int((2 * n_pairs * (row_hi - row_lo)).sum()) * self.x.shape[1]
         few = n_pairs <= FUSED_MAX_PAIRS
-        if few.any():  # read-bound clusters: one compiled scan for all of them
-            from realsyn.scan_kernels import scan_clusters
-
+        if few.any():
             scan_clusters(
                 self.bank, self.x, pair_lo[few], pair_hi[few], row_lo[few], row_hi[few], self.row_base, self.cand_ids, self.cand_scores
             )
@@ -358,32 +298,22 @@ class _PartSearch:
         return widen_f16(self.bank, s, e, buf[:n].reshape(e - s, self.bank.shape[1]))
 
     def _products(self, pair_lo: np.ndarray, pair_hi: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray) -> None:
-        """Clusters probed by many pairs: one sgemm per cluster into a shared score block, one top-k pass."""
-        x, k = self.x, self.k
-        for chunk in self._chunks(pair_lo, pair_hi, row_lo, row_hi):
-            q0, q1 = chunk[0][0], chunk[-1][1]
-            width = max(e - s for _, _, s, e in chunk)
-            if width == 0:
+        from realsyn.scan_kernels import keep_block
+
+        x = self.x
+        for p0, p1, s, e in zip(pair_lo.tolist(), pair_hi.tolist(), row_lo.tolist(), row_hi.tolist()):
+            if e == s:
                 continue
-            block = _scratch(width * (q1 - q0)).reshape(width, q1 - q0)  # bank rows x pairs
-            starts = np.empty(q1 - q0, np.int64)
-            for p0, p1, s, e in chunk:
-                out = block[:, p0 - q0 : p1 - q0]
-                if e > s and p1 - p0 == 1:  # np.dot releases the GIL in sgemv; matmul of one column does not
-                    out[: e - s, 0] = np.dot(self._rows(s, e), x[p0])
-                elif e > s:
-                    np.matmul(self._rows(s, e), x[p0:p1].T, out=out[: e - s])
-                if e - s < width:
-                    out[e - s :] = -np.inf
-                starts[p0 - q0 : p1 - q0] = s
-            rows, vals = _top_k_columns(block, k)
-            ids = rows + (starts + self.row_base)[:, None]
-            ids[np.isneginf(vals)] = -1  # padding (and NaN bank rows)
-            kk = rows.shape[1]
-            if width <= k:  # every row of a narrow block is a candidate, unranked
-                ids, vals = _rank(ids, vals, kk)
-            self.cand_scores[q0:q1, :kk] = vals
-            self.cand_ids[q0:q1, :kk] = ids
+            rows = self._rows(s, e)
+            step = max(1, CHUNK_SCORES // (e - s))
+            for a in range(p0, p1, step):
+                b = min(p1, a + step)
+                block = _scratch((e - s) * (b - a)).reshape(e - s, b - a)  # bank rows x pairs
+                if b - a == 1:  # np.dot releases the GIL in sgemv; matmul of one column does not
+                    block[:, 0] = np.dot(rows, x[a])
+                else:
+                    np.matmul(rows, x[a:b].T, out=block)
+                keep_block(block, a, self.row_base + s, self.cand_ids, self.cand_scores)
 
 
 def _merge_sorted(a_ids, a_scores, b_ids, b_scores, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,64 +28,66 @@ _FAST = {"reassoc", "contract"}
 
 
 @intrinsic
-def _half_to_float(typingctx, bits):
-    """An IEEE half given by its uint16 bits, as float32 (numba has no float16 arithmetic on CPUs)."""
-    if bits != types.uint16:
-        return None
+def _widen(typingctx, value):
+    """A bank element as float32: float32 as is, a uint16 as the IEEE half it holds (numba has no
+    float16 arithmetic on CPUs; LLVM turns ``fpext half`` into F16C's vectorised ``vcvtph2ps``)."""
+    if value == types.float32:
+        return types.float32(types.float32), lambda context, builder, signature, args: args[0]
+    if value == types.uint16:
 
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-    return types.float32(types.uint16), codegen
+        return types.float32(types.uint16), codegen
+    return None
 
 
-@nb.njit(nogil=True, fastmath=_FAST, cache=True, inline="always")
-def _keep(cand_ids, cand_scores, q, row_id, s):
-    """Insert (row_id, s) into pair q's top k (kept best first) when s beats its worst."""
-    k = cand_scores.shape[1]
-    if not s > cand_scores[q, k - 1]:
-        return
-    j = k - 1
-    while j > 0 and s > cand_scores[q, j - 1]:
-        cand_scores[q, j] = cand_scores[q, j - 1]
-        cand_ids[q, j] = cand_ids[q, j - 1]
-        j -= 1
-    cand_scores[q, j] = s
-    cand_ids[q, j] = row_id
+# The top-k insertion is written out in each kernel: a jitted helper taking the arrays costs ~30 ns
+# per call (reference counting of its array arguments), more than scoring a bank row.
 
 
 @nb.njit(nogil=True, fastmath=_FAST, cache=True)
-def _scan_f32(bank, x, pair_lo, pair_hi, row_lo, row_hi, row_base, cand_ids, cand_scores):
-    d = bank.shape[1]
+def _scan(bank, x, pair_lo, pair_hi, row_lo, row_hi, row_base, cand_ids, cand_scores):
+    d, k = bank.shape[1], cand_scores.shape[1]
     for c in range(len(pair_lo)):
         p0, p1 = pair_lo[c], pair_hi[c]
         for i in range(row_lo[c], row_hi[c]):
             for q in range(p0, p1):
-                acc = np.float32(0.0)
+                s = np.float32(0.0)
                 for j in range(d):
-                    acc += bank[i, j] * x[q, j]
-                _keep(cand_ids, cand_scores, q, row_base + i, acc)
-
-
-@nb.njit(nogil=True, fastmath=_FAST, cache=True)
-def _scan_f16(bank, x, pair_lo, pair_hi, row_lo, row_hi, row_base, cand_ids, cand_scores):
-    d = bank.shape[1]
-    for c in range(len(pair_lo)):
-        p0, p1 = pair_lo[c], pair_hi[c]
-        for i in range(row_lo[c], row_hi[c]):
-            for q in range(p0, p1):
-                acc = np.float32(0.0)
-                for j in range(d):
-                    acc += _half_to_float(bank[i, j]) * x[q, j]
-                _keep(cand_ids, cand_scores, q, row_base + i, acc)
+                    s += _widen(bank[i, j]) * x[q, j]
+                if s > cand_scores[q, k - 1]:  # False for NaN: never kept
+                    j = k - 1
+                    while j > 0 and s > cand_scores[q, j - 1]:
+                        cand_scores[q, j] = cand_scores[q, j - 1]
+                        cand_ids[q, j] = cand_ids[q, j - 1]
+                        j -= 1
+                    cand_scores[q, j] = s
+                    cand_ids[q, j] = row_base + i
 
 
 @nb.njit(nogil=True, cache=True)
-def _widen_f16(bank, lo, hi, out):
+def _keep_block(scores, pair0, row0, cand_ids, cand_scores):
+    k = cand_scores.shape[1]
+    for r in range(scores.shape[0]):
+        for q in range(scores.shape[1]):
+            s, p = scores[r, q], pair0 + q
+            if s > cand_scores[p, k - 1]:
+                j = k - 1
+                while j > 0 and s > cand_scores[p, j - 1]:
+                    cand_scores[p, j] = cand_scores[p, j - 1]
+                    cand_ids[p, j] = cand_ids[p, j - 1]
+                    j -= 1
+                cand_scores[p, j] = s
+                cand_ids[p, j] = row0 + r
+
+
+@nb.njit(nogil=True, cache=True)
+def _widen_rows(bank, lo, hi, out):
     d = bank.shape[1]
     for i in range(lo, hi):
         for j in range(d):
-            out[i - lo, j] = _half_to_float(bank[i, j])
+            out[i - lo, j] = _widen(bank[i, j])
 
 
 def scan_clusters(
@@ -115,17 +117,19 @@ def scan_clusters(
         cand_ids,
         cand_scores,
     )
-    if bank.dtype == np.float16:
-        _scan_f16(bank.view(np.uint16), *args)
-    elif bank.dtype == np.float32:
-        _scan_f32(bank, *args)
-    else:
+    if bank.dtype not in (np.float32, np.float16):
         raise TypeError(f"bank rows must be float32 or float16, got {bank.dtype}")
+    _scan(bank.view(np.uint16) if bank.dtype == np.float16 else bank, *args)
 
 
 def widen_f16(bank: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
     """Rows [lo, hi) of a float16 bank as float32, written into ``out`` (hi - lo, D) (numpy's cast is ~5x slower)."""
     if bank.dtype != np.float16:
         raise TypeError(f"expected a float16 bank, got {bank.dtype}")
-    _widen_f16(bank.view(np.uint16), np.int64(lo), np.int64(hi), out)
+    _widen_rows(bank.view(np.uint16), np.int64(lo), np.int64(hi), out)
     return out
+
+
+def keep_block(scores: np.ndarray, pair0: int, row0: int, cand_ids: np.ndarray, cand_scores: np.ndarray) -> None:
+    """Merge a (rows, pairs) float32 score block (bank rows ``row0``.., pairs ``pair0``..) into the pairs' running top k."""
+    _keep_block(scores, np.int64(pair0), np.int64(row0), cand_ids, cand_scores)

@@ -5,7 +5,7 @@ import pytest
 
 from realsyn import retrieval
 from realsyn.clustering import CentroidIndex, cluster_order, train_kmeans
-from realsyn.retrieval import BankLayout, _top_k_columns, cluster_ordered_search, exact_search
+from realsyn.retrieval import BankLayout, cluster_ordered_search, exact_search
 from realsyn.runtime import l2_normalize
 
 
@@ -121,11 +121,17 @@ def test_ties_are_broken_by_row_id_at_the_top_k_boundary():
     np.testing.assert_array_equal(res.row_ids, [[0, 1, 2]] * 3)
     np.testing.assert_allclose(res.scores[:2], [[0.6] * 3, [0.8] * 3], rtol=1e-6)
     np.testing.assert_array_equal(exact_search(img, bank, 3)[0], [[0, 1, 2]] * 3)
-    # the selection itself: ties at the k-th score resolved by row, NaN counted as -inf
+    # the selection itself: ties at the k-th score resolved by row, NaN never kept, merged into what is kept
+    from realsyn.scan_kernels import keep_block
+
     block = np.array([[0.5, 1.0], [0.9, np.nan], [0.9, 1.0], [0.9, 0.2], [0.1, 1.0], [0.9, 0.3]], np.float32)  # rows x pairs
-    rows, vals = _top_k_columns(block, 3)
-    np.testing.assert_array_equal(rows, [[1, 2, 3], [0, 2, 4]])
-    np.testing.assert_allclose(vals, [[0.9] * 3, [1.0] * 3])
+    ids, scores = np.full((3, 3), -1, np.int64), np.full((3, 3), -np.inf, np.float32)
+    ids[0], scores[0] = [7, -1, -1], [0.95, -np.inf, -np.inf]  # pair 0 holds a better row of an earlier block
+    keep_block(block, 0, 10, ids, scores)
+    np.testing.assert_array_equal(ids, [[7, 11, 12], [10, 12, 14], [-1, -1, -1]])
+    np.testing.assert_allclose(scores[:2], [[0.95, 0.9, 0.9], [1.0] * 3])
+    keep_block(block[:, 1:], 2, 0, ids, scores)  # pair 2 = column 1: NaN skipped, three 1.0s by row
+    np.testing.assert_array_equal(ids[2], [0, 2, 4])
 
 
 def test_exact_search_ranks_and_pads():
