@@ -201,7 +201,13 @@ def run_step(name: str, root: str, shards: list[str], shard: str | None, args: d
         from realsyn.stages.cluster import cluster_sentences
 
         return int(
-            cluster_sentences(storage, shards, niter=args["niter"], sample_rows=args.get("sample_rows", 4_000_000)).counts["sentences"]
+            cluster_sentences(
+                storage,
+                shards,
+                niter=args["niter"],
+                sample_rows=args.get("sample_rows", 4_000_000),
+                bank_dtype=args.get("bank_dtype", "float32"),
+            ).counts["sentences"]
         )
     if name == "retrievals":
         from realsyn.stages.retrieve import retrieve_all
@@ -282,6 +288,7 @@ def main() -> None:
     p.add_argument(
         "--max-image-gb", type=float, default=None, help="retrievals: image vectors held per round (default: all kept images held)"
     )
+    p.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32", help="sentence_clusters: how the bank is stored")
     p.add_argument("--root", help="storage root (default: a temporary folder, removed at the end)")
     p.add_argument("--steps", help="comma-separated subset of the steps to run, in the usual order (default: all)")
     p.add_argument("--reuse-corpus", action="store_true", help="with --root: keep the corpus and outputs already there")
@@ -300,7 +307,7 @@ def main() -> None:
     n_shards = a.shards or max(4, a.sentences // 250_000)
     shards = [f"part-{i:05d}" for i in range(n_shards)]
     args = {"dim": a.dim, "niter": a.niter, "sentences": a.sentences, "images": a.images, "topics": a.topics, "seed": a.seed}
-    args.update(sample_rows=a.sample_rows, max_image_gb=a.max_image_gb, max_index_gb=a.max_index_gb)
+    args.update(sample_rows=a.sample_rows, max_image_gb=a.max_image_gb, max_index_gb=a.max_index_gb, bank_dtype=a.bank_dtype)
     steps = STEPS if not a.steps else [s for s in STEPS if s in a.steps.split(",")]
     if a.steps and len(steps) != len(a.steps.split(",")):
         raise SystemExit(f"--steps: unknown step in {a.steps!r}; steps are {', '.join(STEPS)}")
