@@ -37,6 +37,29 @@ def _empty_edges() -> np.ndarray:
     return _NO_EDGES.copy()
 
 
+def release_free_memory() -> None:
+    """Hand the allocator's free heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A global step frees large temporaries between phases (the pHash sorts, the index training, the
+    inverted lists of each IVF range: many small C++ allocations), but glibc keeps freed small
+    blocks in its heap, so without a trim the resident set after a phase still counts them and
+    grows with the corpus even though the live state does not."""
+    import ctypes
+    import ctypes.util
+
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 # -- Union-Find and connected components ---------------------------------------------------------
 
 
@@ -806,6 +829,8 @@ class SemanticIndex:
                 raise ValueError(f"{self.index_factory}: need at least {self.nlist} training rows, got {len(sample)}")
             centroids = train_kmeans_two_level(sample, self.nlist, niter=10, use_gpu="never", normalized=False)
             self._hnsw_quantizer.add(centroids)
+            del centroids
+            release_free_memory()  # the K-means temporaries, before faiss trains the codes on residuals
         self._index.train(sample)
         self._set_nprobe()
 
@@ -926,6 +951,10 @@ class SemanticIndex:
                 ivf.replace_invlists(lists, True)  # the index owns (and frees) it from here
                 lists.this.disown()
                 ivf.ntotal = 0
+                for list_no in (np.flatnonzero(sizes[lo:hi]) + lo).tolist():
+                    # each list's vectors reserved at its final size: no growth slack (up to 2x) on the budget
+                    lists.resize(list_no, int(sizes[list_no]))
+                    lists.resize(list_no, 0)
                 for offset, load, (assign_path, _, _) in files:
                     assign = np.load(assign_path)
                     rows = np.flatnonzero((assign >= lo) & (assign < hi))

@@ -544,3 +544,17 @@ def test_popcount64_with_and_without_numpy_bitwise_count(monkeypatch):
     monkeypatch.delattr(np, "bitwise_count", raising=False)  # numpy < 2: the byte table
     assert popcount64(x).tolist() == [0, 1, 3, 64, 1]
     assert popcount64(x.reshape(5, 1)).shape == (5, 1)
+
+
+def test_release_free_memory_trims_the_heap_or_does_nothing(monkeypatch):
+    import realsyn.dedup as dedup
+
+    calls = []
+    monkeypatch.setattr(dedup, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    dedup.release_free_memory()
+    assert calls == [0]
+    monkeypatch.setattr(dedup, "_malloc_trim", False)  # no glibc: nothing to call
+    dedup.release_free_memory()
+    monkeypatch.setattr(dedup, "_malloc_trim", None)  # looked up once, then called for real
+    dedup.release_free_memory()
+    assert dedup._malloc_trim is False or callable(dedup._malloc_trim)

@@ -147,12 +147,16 @@ def _brute_force_state(keys: np.ndarray, clusters: np.ndarray, cap: int) -> dict
     return {"threshold": threshold, "counts": counts}
 
 
+@pytest.mark.parametrize("max_held_rows", [None, 1, 7, 30])
 @pytest.mark.parametrize("min_compaction", [1, 50, 1 << 16])
 @pytest.mark.parametrize("quantise", [False, True])
-def test_one_pass_fit_equals_a_sort_of_all_keys(monkeypatch, min_compaction, quantise):
+def test_one_pass_fit_equals_a_sort_of_all_keys(monkeypatch, tmp_path, min_compaction, quantise, max_held_rows):
     import realsyn.samplers.cluster_cap as cluster_cap
 
     monkeypatch.setattr(cluster_cap, "_MIN_COMPACTION_ROWS", min_compaction)
+    runs = []
+    real_write = cluster_cap._Runs.write
+    monkeypatch.setattr(cluster_cap._Runs, "write", lambda self, c, k: runs.append(len(c)) or real_write(self, c, k))
     if quantise:  # many equal keys: ties at the threshold
         monkeypatch.setattr(cluster_cap, "uniform_keys", lambda ids, seed: np.floor(uniform_keys(ids, seed) * 8) / 8)
     rng = np.random.default_rng(7)
@@ -160,8 +164,11 @@ def test_one_pass_fit_equals_a_sort_of_all_keys(monkeypatch, min_compaction, qua
     sizes[3], sizes[4] = 12, 13
     table = _table(sizes)
     batches = _batches(table, 37, seed=3)
-    sampler = ClusterCapSampler(cap=12, seed=2)
+    sampler = ClusterCapSampler(cap=12, seed=2, max_held_rows=max_held_rows, spill_dir=str(tmp_path))
     state = sampler.fit(batches)
+    # a small budget spills held rows as runs (merged at the end), a large one never does
+    assert bool(runs) == (max_held_rows is not None and min_compaction < 1 << 16)
+    assert list(tmp_path.iterdir()) == []  # the runs are removed
     keys = cluster_cap.uniform_keys(table.column("image_id").to_pylist(), 2)
     expected = _brute_force_state(keys, table.column("cluster").to_numpy().astype(np.int64), 12)
     np.testing.assert_array_equal(state["counts"], expected["counts"])
@@ -258,10 +265,19 @@ def _reference_splits(full, shards, splits):
     return out
 
 
-def test_sample_splits_builds_each_shard_once_and_decides_as_the_definition(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spill", [False, True])
+def test_sample_splits_builds_each_shard_once_and_decides_as_the_definition(tmp_path, monkeypatch, spill):
     from realsyn import layout
+    from realsyn.samplers import cluster_cap
     from realsyn.samplers.metaclip import MetaClipSampler
     from realsyn.stages import sample as stage
+
+    runs = []
+    if spill:  # cluster_cap holds at most 2 rows: its fits go through spilled runs, with the same states and splits
+        monkeypatch.setattr(cluster_cap, "MAX_HELD_ROWS", 2)
+        monkeypatch.setattr(cluster_cap, "_MIN_COMPACTION_ROWS", 1)
+        real_write = cluster_cap._Runs.write
+        monkeypatch.setattr(cluster_cap._Runs, "write", lambda self, c, k: runs.append(len(c)) or real_write(self, c, k))
 
     storage, shards, full, meta = _stage_inputs(tmp_path)
     splits = [
@@ -286,6 +302,7 @@ def test_sample_splits_builds_each_shard_once_and_decides_as_the_definition(tmp_
     stats = stage.sample_splits(storage, shards, splits, perplexity_scorer=lambda: scorers.append(1) or _LengthScorer())
 
     assert builds == shards  # one read-and-join per shard for all splits and passes
+    assert bool(runs) == spill
     assert len(scorers) == 1
     assert len(matched) == 2 * len(shards)  # the two MetaCLIP samplers match each shard once (in fit), never in reasons
     monkeypatch.setattr(MetaClipSampler, "row_matches", real_row_matches)

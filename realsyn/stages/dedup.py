@@ -127,7 +127,7 @@ def _semantic_edges(
     exactly the same edges, for one pass over the shards plus up to two per range (counted in
     ``semantic_index_ranges``). Any other index ("Flat": "auto" below AUTO_FLAT_BELOW vectors; a
     pre-transform before the IVF) is never partitioned: it runs as the one index whatever the budget."""
-    from realsyn.dedup import SemanticIndex, auto_index_factory, rowwise_dot
+    from realsyn.dedup import SemanticIndex, auto_index_factory, release_free_memory, rowwise_dot
 
     dim = int(corpus.model_info()["dim"])
     factory = auto_index_factory(corpus.n) if index_factory == "auto" else index_factory
@@ -142,8 +142,10 @@ def _semantic_edges(
         sample = ReservoirSample(capacity=min(corpus.n, index.train_size), dim=dim, seed=0)
         for s, _, _ in corpus.ranges():
             sample.add(np.asarray(corpus.embeddings(s)))
+        release_free_memory()  # the reservoir's per-shard temporaries, before training adds its own
         index.train(sample.array())
         del sample  # the training reservoir is not held while the index is built
+        release_free_memory()
     edges, pending, candidates = [], [], 0
     if partitioned:
         shards = [(lo, lambda s=s: corpus.embeddings(s)) for s, lo, _ in corpus.ranges()]
@@ -170,6 +172,7 @@ def _semantic_edges(
             local = found[inside] - lo
             edges.append(found[inside][rowwise_dot(q[local[:, 0]], q[local[:, 1]]) >= np.float32(threshold)])
             pending.append(found[~inside])
+    release_free_memory()  # the inverted lists of every range are freed
     if pending:
         edges.append(_verify(corpus, np.concatenate(pending), threshold))
     out = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
@@ -254,17 +257,18 @@ def dedup_images(
     nprobe: int = 16,
     max_index_gb: float | None = None,
 ) -> StepStats:
-    from realsyn.dedup import first_of, group_representatives, hamming_edges, popcount64
+    from realsyn.dedup import first_of, group_representatives, hamming_edges, popcount64, release_free_memory
 
     stats = StepStats(layout.IMAGE_DEDUP)
     with stats.timed():
         corpus = _Corpus(storage, IMAGE_EMBEDDINGS, shards)
         # byte-identical images are named exact duplicates even when only their pHash linked them
-        sha_edges, phash = corpus.key_edges("sha256"), None
+        sha_edges = corpus.key_edges("sha256")
         edges = [sha_edges] if exact else []
         if perceptual_max_distance is not None:
-            phash = corpus.uint_column("phash", np.uint64)
-            edges.append(hamming_edges(phash, perceptual_max_distance, all_pairs=False))
+            # the pHashes are held for their search only: the reasons read back those of the dropped rows
+            edges.append(hamming_edges(corpus.uint_column("phash", np.uint64), perceptual_max_distance, all_pairs=False))
+            release_free_memory()
         threshold = _semantic_threshold(corpus, semantic_threshold, semantic_on_random_weights)
         if threshold is not None:
             edges.append(_semantic_edges(corpus, threshold, index_factory, nprobe, stats, max_index_gb))
@@ -274,8 +278,10 @@ def dedup_images(
 
         def codes_of(dropped: np.ndarray, rep: np.ndarray) -> np.ndarray:
             codes = np.full(len(dropped), NEAR if threshold is None else SEMANTIC, dtype=np.int8)
-            if phash is not None:  # linked to its representative only through a chain: near/semantic
-                codes[popcount64(phash[dropped] ^ phash[rep]) <= perceptual_max_distance] = PERCEPTUAL
+            if perceptual_max_distance is not None:  # linked to its representative only through a chain: near/semantic
+                rows, inverse = np.unique(np.concatenate([dropped, rep]), return_inverse=True)
+                phash = corpus.take("phash", rows).to_numpy(zero_copy_only=False).astype(np.uint64)[inverse]
+                codes[popcount64(phash[: len(dropped)] ^ phash[len(dropped) :]) <= perceptual_max_distance] = PERCEPTUAL
             codes[first_of(sha_edges, dropped) == first_of(sha_edges, rep)] = EXACT
             return codes
 

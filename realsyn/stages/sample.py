@@ -95,12 +95,17 @@ class _SplitRun:
     reason for every row it drops, detail = its name) and feeds what is still alive to sampler ``k``'s
     fit; the last pass decides with the last sampler and writes each shard's selection and decisions.
     A sampler's ``reasons`` thus sees exactly the batches its ``fit`` saw, in the same order.
+
+    Per row the run keeps one int32 code (0: alive, else 1 + an index into ``vocab``, the distinct
+    (reason, sampler name) pairs), spilled per shard next to the candidate tables: no per-row state
+    is held for the whole corpus.
     """
 
     def __init__(self, w, split: SplitSpec, samplers: list[Sampler], shards: Sequence[str], cands: _Candidates, stats: StepStats):
         self.w, self.split, self.samplers, self.shards, self.cands, self.stats = w, split, samplers, shards, cands, stats
-        self.reasons: dict[str, np.ndarray] = {}
-        self.dropped_by: dict[str, np.ndarray] = {}
+        self.vocab: list[tuple[str, str]] = []  # code - 1 -> (reason, name of the sampler that gave it)
+        self._code_of: dict[tuple[int, str], int] = {}
+        self._codes: dict[str, str] = {}  # shard -> its spilled codes (.npy)
         self.states: list[dict[str, np.ndarray]] = []
 
     def run(self) -> None:
@@ -111,47 +116,64 @@ class _SplitRun:
                 pass
             self._save(position, sampler, state)
         for shard, table in zip(self.shards, self._pass(len(self.samplers) - 1, alive_only=False)):
-            reasons = self.reasons[shard]
-            keep = np.array([r is None for r in reasons], dtype=bool)
+            codes = self._load(shard)
+            reason_of = np.array([None] + [r for r, _ in self.vocab], dtype=object)  # the vocabulary grows as samplers decide
+            name_of = np.array([None] + [n for _, n in self.vocab], dtype=object)
+            keep = codes == 0
             self.w.write_parquet(
                 layout.split_selection_file(self.split.name, shard), table.select(["image_id", "cluster"]).filter(pa.array(keep))
             )
             self.w.write_parquet(
                 layout.split_decisions_file(self.split.name, shard),
-                decision_table(table.column("image_id"), list(reasons), list(self.dropped_by[shard])),
+                decision_table(table.column("image_id"), reason_of[codes].tolist(), name_of[codes].tolist()),
             )
             self.stats.add("rows_in", table.num_rows)
             self.stats.add("rows_out", int(keep.sum()))
-            self.stats.drop_reasons(reasons)
+            for code, count in enumerate(np.bincount(codes, minlength=len(reason_of))):
+                if code and count:
+                    self.stats.drop(reason_of[code], int(count))
 
     def _pass(self, decide_with: int, alive_only: bool = True) -> Iterator[pa.Table]:
         """Per shard: sampler ``decide_with`` decides (none when -1), then the rows still alive (or all)."""
         for shard in self.shards:
             table = self.cands.table(shard)
-            if shard not in self.reasons:
-                self.reasons[shard] = np.full(table.num_rows, None, dtype=object)
-                self.dropped_by[shard] = np.full(table.num_rows, None, dtype=object)
+            if shard not in self._codes:
+                self._store(shard, np.zeros(table.num_rows, dtype=np.int32))
             if decide_with >= 0:
                 self._decide(decide_with, shard, table)
             if alive_only:
-                table = table.filter(pa.array(self._alive(shard)))
+                table = table.filter(pa.array(self._load(shard) == 0))
             yield table
 
-    def _alive(self, shard: str) -> np.ndarray:
-        return np.array([r is None for r in self.reasons[shard]], dtype=bool)
+    def _store(self, shard: str, codes: np.ndarray) -> None:
+        path = self._codes.get(shard)
+        if path is None:
+            path = self._codes[shard] = os.path.join(self.cands.spill_dir, f"codes-{id(self)}-{len(self._codes)}.npy")
+        np.save(path, codes)
+
+    def _load(self, shard: str) -> np.ndarray:
+        return np.load(self._codes[shard])
 
     def _decide(self, position: int, shard: str, table: pa.Table) -> None:
         spec, sampler = self.split.samplers[position], self.samplers[position]
-        alive = self._alive(shard)
+        codes = self._load(shard)
+        alive = codes == 0
         live = np.flatnonzero(alive)
         got = sampler.reasons(table.filter(pa.array(alive)), self.states[position])
         if len(got) != len(live):
             raise ValueError(f"sampler {spec.name!r} returned {len(got)} reasons for {len(live)} rows")
-        reasons, dropped_by = self.reasons[shard], self.dropped_by[shard]
-        for row, reason in zip(live, got):
-            if reason is not None:
-                reasons[row] = reason
-                dropped_by[row] = spec.name
+        local: dict[str | None, int] = {None: 0}
+
+        def code(reason: str) -> int:
+            key = (position, reason)
+            if key not in self._code_of:
+                self.vocab.append((reason, spec.name))
+                self._code_of[key] = len(self.vocab)
+            local[reason] = self._code_of[key]
+            return local[reason]
+
+        codes[live] = np.fromiter((local[r] if r in local else code(r) for r in got), dtype=np.int32, count=len(live))
+        self._store(shard, codes)
 
     def _save(self, position: int, sampler: Sampler, state: dict[str, np.ndarray]) -> None:
         spec = self.split.samplers[position]
