@@ -189,6 +189,7 @@ from realsyn.export import (  # noqa: E402
     SplitOutput,
     TarStream,
     _add_member,
+    header_blocks,
     member_headers,
     reference_samples,
     tar_header,
@@ -282,6 +283,8 @@ def test_member_headers_equal_tar_header_one_by_one_and_refuse_names_over_100_by
     sizes = np.array([[0, 1, 511, 512], [35_000, 8**11 - 1, 0, 7], [1, 2, 3, 10_240]])
     want = [tar_header(k + b"." + s.encode(), int(sizes[i, j])) for i, k in enumerate(keys) for j, s in enumerate(suffixes)]
     assert member_headers(keys, suffixes, sizes) == b"".join(want)
+    blocks = header_blocks(keys, suffixes, sizes)  # the same headers, those of one suffix contiguous
+    assert blocks.shape == (len(suffixes), len(keys), 512) and blocks.transpose(1, 0, 2).tobytes() == b"".join(want)
     assert len(b"k" * 90 + b".real0.txt") == 100  # the longest name a plain ustar header holds: written as is
     # one byte more needs a pax header, which the column-wise writer does not write: it refuses (safe_key's
     # keys are at most 81 bytes, so an export never gets there); write_webdataset (tarfile) writes one
@@ -594,3 +597,33 @@ def test_export_shard_refuses_a_shard_sampling_did_not_cover(tmp_path):
     storage = _fixture_storage(tmp_path / "store", SHARDS)
     with pytest.raises(ValueError, match="sampled_splits does not cover shard 'zzz'"):
         export_stage.export_shard(storage, "zzz")
+
+
+def test_shard_samples_escape_json_like_json_dumps():
+    """Texts, sentence ids, doc ids and sources with characters JSON escapes (quotes, backslashes, control
+    characters) or nulls: the column-wise json member equals json.dumps' byte for byte."""
+    images, retrievals, captions = _shard_tables("s1", 40, seed=2)
+    tricky = ['say "hi"', "back\\slash", "tab\there", "line\nbreak", "\x01ctl\x1f", "é 字 \u2028\x7f", " ", ""]
+    texts = [[tricky[i % 8], None, tricky[(i + 3) % 8]] if i % 6 else [tricky[i % 8]] for i in range(retrievals.num_rows)]
+    sentence_ids = [[f's{i}"', None] if i % 4 else [] for i in range(retrievals.num_rows)]
+    retrievals = retrievals.set_column(2, "texts", pa.array(texts, pa.list_(pa.string())))
+    retrievals = retrievals.set_column(1, "sentence_ids", pa.array(sentence_ids, pa.list_(pa.string())))
+    doc_ids = [None if i % 9 == 2 else f"d\\{i}\n" for i in range(images.num_rows)]
+    sources = [None if i % 5 == 1 else f'https://x.org/"{i}"' for i in range(images.num_rows)]
+    images = images.set_column(5, "doc_id", pa.array(doc_ids, pa.string())).set_column(6, "source", pa.array(sources, pa.string()))
+    chosen = images.column("image_id").to_pylist()
+    got = _export(images, retrievals, captions, {"all": pa.array(chosen, pa.string())}, 16)
+    sizes, tars, _, stats = got["all"]
+    want_sizes, want_tars, _, want_stats = _reference(images, retrievals, captions, "all", chosen)
+    assert sizes == want_sizes and tars == want_tars and stats.counts == want_stats.counts
+    assert any(b'\\"hi\\"' in t and b"\\u0001ctl\\u001f" in t for t in tars.values())
+
+
+def test_json_string_values_equal_json_strings():
+    from realsyn.export import _json_string_values, _json_strings
+
+    values = ["a", 'say "hi"', "back\\slash", "tab\t", "nl\n", "\x00\x1f", "\x7f", "é 字 \u2028", None, "", " "]
+    assert _json_string_values(pa.array(values, pa.string())).to_pylist() == _json_strings(values)
+    assert _json_string_values(pa.array(values, pa.large_string())).to_pylist() == _json_strings(values)
+    assert _json_string_values(pa.array(["plain", None], pa.string())).to_pylist() == ['"plain"', "null"]
+    assert _json_string_values(pa.array([1, None], pa.int64())).to_pylist() == ["1", "null"]
