@@ -170,7 +170,7 @@ class SentenceClustersConfig(dg.Config):
     )
     two_level_above: int = Field(
         default=1024,
-        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000); every row is then assigned through that tree (its 16 nearest coarse cells' centroids, ~17 sqrt(k) products per row instead of k).",
+        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000); every row is then assigned through that tree (the centroids of its 24 nearest coarse cells, ~25 sqrt(k) products per row instead of k).",
     )
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")
@@ -222,7 +222,7 @@ class ImageClustersConfig(dg.Config):
     )
     two_level_above: int = Field(
         default=1024,
-        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000); every row is then assigned through that tree (its 16 nearest coarse cells' centroids, ~17 sqrt(k) products per row instead of k).",
+        description="Above this many clusters, two-level K-means: ~sqrt(k) coarse cells, then each cell's share of k (~sqrt(k)/2 times less work; bench: held-out cosine -1.5% at k=1000); every row is then assigned through that tree (the centroids of its 24 nearest coarse cells, ~25 sqrt(k) products per row instead of k).",
     )
     niter: int = Field(default=20, description="K-means iterations.")
     seed: int = Field(default=0, description="Sampling and K-means seed.")

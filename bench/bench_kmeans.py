@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=0, help="K (default: rows / 420, as the stage)")
     ap.add_argument("--sample-rows", type=int, default=250_000, help="K-means sample budget (stage default 4M)")
     ap.add_argument("--max-points-per-centroid", type=int, default=256)
-    ap.add_argument("--two-level-above", type=int, default=1000, help="two-level K-means above this K (stage default 65536)")
+    ap.add_argument("--two-level-above", type=int, default=1000, help="two-level K-means above this K (stage default 1024)")
     ap.add_argument("--niter", type=int, default=20)
     ap.add_argument("--shard-rows", type=int, default=100_000)
     ap.add_argument("--bank-part-rows", type=int, default=200_000)
