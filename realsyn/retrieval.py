@@ -53,8 +53,8 @@ FUSED_MAX_PAIRS = 4
 CLUSTER_OVERHEAD_FLOPS = 200_000
 # A float32 read from memory costs about as much as this many flops of sgemm (12 GB/s vs 100 GFLOP/s).
 BYTES_PER_FLOP_EQ = 8
-# Least work of one range (flops, about 1 ms of sgemm): below, waking a thread costs more than it saves.
-MIN_RANGE_FLOPS = 100_000_000
+# Least work of one range (flop-equivalents, ~0.25 ms): below, handing it to a thread costs more than it saves.
+MIN_RANGE_FLOPS = 25_000_000
 # Least centroid-scan work of one image batch run on several BLAS threads (about 10 ms of sgemm on one core).
 MIN_PARALLEL_ASSIGN_FLOPS = 1_000_000_000
 
