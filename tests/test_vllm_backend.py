@@ -59,6 +59,9 @@ class FakeVllm:
                 pass
 
             def _send(self, status, body):
+                # a request stops counting as active before its answer goes out: the client may send the
+                # next one as soon as it has read this one, possibly before this handler returns
+                self._leave()
                 if fake.echo_auth and status >= 400:  # a server that quotes the credentials it got
                     body = {**body, "got": self.headers.get("Authorization")}
                 data = json.dumps(body).encode()
@@ -78,15 +81,21 @@ class FakeVllm:
                 else:
                     self._send(404, {"error": "not found"})
 
+            def _leave(self):
+                if getattr(self, "_active", False):
+                    self._active = False
+                    with fake.lock:
+                        fake.active -= 1
+
             def do_POST(self):
                 with fake.lock:
                     fake.active += 1
                     fake.peak = max(fake.peak, fake.active)
+                self._active = True
                 try:
                     self._post()
                 finally:
-                    with fake.lock:
-                        fake.active -= 1
+                    self._leave()
 
             def _post(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
