@@ -49,13 +49,21 @@ def _widen(typingctx, value):
 @nb.njit(nogil=True, fastmath=_FAST, cache=True)
 def _scan(bank, x, pair_lo, pair_hi, row_lo, row_hi, row_base, cand_ids, cand_scores):
     d, k = bank.shape[1], cand_scores.shape[1]
+    row = np.empty(d, np.float32)
     for c in range(len(pair_lo)):
         p0, p1 = pair_lo[c], pair_hi[c]
         for i in range(row_lo[c], row_hi[c]):
+            if p1 - p0 > 1:  # several pairs: widen the row once, into L1
+                for j in range(d):
+                    row[j] = _widen(bank[i, j])
             for q in range(p0, p1):
                 s = np.float32(0.0)
-                for j in range(d):
-                    s += _widen(bank[i, j]) * x[q, j]
+                if p1 - p0 > 1:
+                    for j in range(d):
+                        s += row[j] * x[q, j]
+                else:
+                    for j in range(d):
+                        s += _widen(bank[i, j]) * x[q, j]
                 if s > cand_scores[q, k - 1]:  # False for NaN: never kept
                     j = k - 1
                     while j > 0 and s > cand_scores[q, j - 1]:
