@@ -300,3 +300,14 @@ def test_bank_encoding():
     with pytest.raises(ValueError, match="bank dtype"):
         encode_bank(x, "bfloat16")
     assert bank_rows(x.astype(np.float64)).dtype == np.float32 and bank_rows(x.astype(np.float16)).dtype == np.float16
+
+
+def test_bank_encoding_in_blocks_equals_one_cast():
+    from realsyn.bank_encoding import encode_bank
+
+    x = _random_unit(1000, 8, 15)
+    np.testing.assert_array_equal(encode_bank(x, "float16", block_rows=64), x.astype(np.float16))
+    y = x.copy()
+    y[700, 3] = -7e4  # in the eleventh block
+    with pytest.raises(ValueError, match="float16's range"):
+        encode_bank(y, "float16", block_rows=64)

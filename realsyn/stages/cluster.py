@@ -156,7 +156,7 @@ class SentenceBankBuilder:
         for p in range(len(bounds) - 1):
             lo, hi = int(bounds[p]), int(bounds[p + 1])
             rows = int(cum[hi] - cum[lo])
-            out = np.empty((rows, self.dim), np.float32)
+            out = np.empty((rows, self.dim), np.float16 if self.bank_dtype == "float16" else np.float32)
             cursor = cum[lo:hi] - cum[lo]  # next free row of each cluster of the part
             tables, dests = [], []
             for i, (name, _) in enumerate(self.runs):
@@ -170,14 +170,13 @@ class SentenceBankBuilder:
                 dest = cursor[c] + rank
                 cursor += np.bincount(c, minlength=hi - lo)
                 with _spill_open(self.w, f"{name}.npy") as f:
-                    out[dest] = _read_npy_rows(f, a, b)
+                    out[dest] = encode_bank(_read_npy_rows(f, a, b), self.bank_dtype)  # float16: rounded (and checked) per slice
                 tables.append(tab)
                 dests.append(dest)
             inverse = np.empty(rows, np.int64)
             inverse[np.concatenate(dests) if dests else np.zeros(0, np.int64)] = np.arange(rows, dtype=np.int64)
             part = pa.concat_tables(tables).take(pa.array(inverse)) if tables else _empty_bank_table()
-            # the spill runs stay float32; a float16 bank is rounded once, here
-            self.w.write_numpy(layout.bank_part_file(p, "npy"), encode_bank(out, self.bank_dtype))
+            self.w.write_numpy(layout.bank_part_file(p, "npy"), out)
             self.w.write_parquet(layout.bank_part_file(p, "parquet"), part)
             del out, tables, part
         n_parts = len(bounds) - 1
