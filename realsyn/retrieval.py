@@ -42,8 +42,10 @@ from realsyn.bank_encoding import bank_rows
 SCORE_BLOCK_BYTES = 64 * 1024 * 1024
 # Images assigned to their clusters per CentroidIndex call.
 ASSIGN_BATCH = 65536
-# Work units per thread in one bank part: contiguous cluster ranges, handed out as threads free up.
-RANGES_PER_THREAD = 8
+# Work units per thread in one bank part: contiguous cluster ranges of about equal estimated cost. One
+# each measured best: in the read-bound sparse regime every extra range is Python work under the GIL
+# (2 threads, 300 images: search 7.7 ms at 1 per thread, 9.6 at 2, 10.0 at 8); the dense regime is even.
+RANGES_PER_THREAD = 1
 # Scores per block of a cluster's product (float32, 1 MiB): small enough to stay in a core's L2.
 CHUNK_SCORES = 262144
 # Clusters probed by at most this many pairs are scanned by the compiled kernel (realsyn.scan_kernels):
