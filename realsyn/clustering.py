@@ -22,6 +22,7 @@ import logging
 
 import numpy as np
 
+from realsyn import layout
 from realsyn.runtime import faiss_use_gpu, l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -216,34 +217,15 @@ class CentroidTree:
         return cls(np.asarray(reader.read_numpy(COARSE_CENTROIDS_FILE)), np.asarray(reader.read_numpy(CENTROID_CELLS_FILE)))
 
 
-# Files of a two-level training's tree, next to centroids.npy in the cluster assets' outputs.
-CENTROIDS_FILE = "centroids.npy"  # = layout.CENTROIDS_FILE
+# Files of a two-level training's tree, next to layout.CENTROIDS_FILE in the cluster assets' outputs.
 COARSE_CENTROIDS_FILE = "coarse_centroids.npy"
 CENTROID_CELLS_FILE = "centroid_cells.npy"
 
 
-def train_kmeans_two_level(
-    sample: np.ndarray,
-    k: int,
-    *,
-    n_coarse: int | None = None,
-    niter: int = 20,
-    seed: int = 0,
-    use_gpu: str = "auto",
-    max_points_per_centroid: int = 256,
-    normalized: bool = False,
-) -> np.ndarray:
-    """Spherical two-level K-means: exactly min(k, n) unit centroids, grouped by coarse cell (``train_centroid_tree`` without its tree)."""
-    return train_centroid_tree(
-        sample,
-        k,
-        n_coarse=n_coarse,
-        niter=niter,
-        seed=seed,
-        use_gpu=use_gpu,
-        max_points_per_centroid=max_points_per_centroid,
-        normalized=normalized,
-    )[0]
+def train_kmeans_two_level(sample: np.ndarray, k: int, **kwargs) -> np.ndarray:
+    """Spherical two-level K-means: exactly min(k, n) unit centroids, grouped by coarse cell
+    (``train_centroid_tree``, same keyword arguments, without its tree)."""
+    return train_centroid_tree(sample, k, **kwargs)[0]
 
 
 def train_centroid_tree(
@@ -500,7 +482,7 @@ class CentroidIndex:
     def load(cls, reader, centroids: np.ndarray | None = None, **kwargs) -> CentroidIndex:
         """The index of a cluster asset's output (``reader``): its centroids (or ``centroids``, already read) with its tree, if any."""
         if centroids is None:
-            centroids = np.asarray(reader.read_numpy(CENTROIDS_FILE), dtype=np.float32)
+            centroids = np.asarray(reader.read_numpy(layout.CENTROIDS_FILE), dtype=np.float32)
         return cls(centroids, tree=CentroidTree.load(reader), **kwargs)
 
 

@@ -7,7 +7,6 @@ import pytest
 from realsyn import layout
 from realsyn.clustering import (
     CENTROID_CELLS_FILE,
-    CENTROIDS_FILE,
     COARSE_CENTROIDS_FILE,
     CentroidIndex,
     CentroidTree,
@@ -167,7 +166,6 @@ def test_tree_round_trips_through_storage(tmp_path):
     np.testing.assert_array_equal(loaded.coarse, tree.coarse)
     np.testing.assert_array_equal(loaded.cell, tree.cell)
     assert loaded.cell.dtype == np.int32 and loaded.coarse.dtype == np.float32
-    assert CENTROIDS_FILE == layout.CENTROIDS_FILE
     assert sorted(reader.files) == sorted([layout.CENTROIDS_FILE, COARSE_CENTROIDS_FILE, CENTROID_CELLS_FILE])
     index = CentroidIndex.load(reader, probe_cells=2)
     assert index.mode == "tree" and index.k == 15

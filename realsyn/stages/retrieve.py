@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 
 from realsyn import layout
-from realsyn.bank_encoding import bank_rows
 from realsyn.progress import track
 from realsyn.stages.common import dedup_kept_mask, kept_image_embeddings, kept_image_ids, require_partitions
 from realsyn.stats import StepStats
@@ -40,7 +39,7 @@ class SentenceBank:
 
     def load_part(self, part: int) -> np.ndarray:
         self.parts_read += 1
-        return bank_rows(self.reader.read_numpy(layout.bank_part_file(part, "npy")))
+        return self.reader.read_numpy(layout.bank_part_file(part, "npy"))  # the search takes float32 or float16 as stored
 
     def texts_of_part(self, part: int, local_rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
         """(sentence_id, text) of rows ``local_rows`` (any order, repeats allowed) of one bank part."""
